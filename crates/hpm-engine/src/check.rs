@@ -1,0 +1,110 @@
+//! The checker: reads a pool's metadata without changing it and lists every inconsistency
+//! with where it is (superblock slot, metadata file, device, chunk, block, journal batch).
+//!
+//! It shares the loading code with open (`Store::load`, `State::from_checkpoint`,
+//! `State::apply`) so that what it accepts is exactly what open accepts.
+
+use crate::pool::open_files;
+use crate::state::{Geometry, State};
+use crate::store::{PoolStorage, Store};
+use crate::Result;
+use hpm_format::{BLOCK_SIZE, FLAG_NEEDS_CHECK};
+use std::path::Path;
+
+/// What `check` found.
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    /// Inconsistencies; the pool is consistent when this is empty.
+    pub problems: Vec<String>,
+    /// Things recovery handles by itself (a torn journal tail, an unclean shutdown).
+    pub notes: Vec<String>,
+    /// Devices found.
+    pub devices: usize,
+    /// Data blocks in use.
+    pub used_blocks: u64,
+}
+
+impl CheckReport {
+    /// Whether no problem was found.
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks the pool in `dir`. Takes the pool's lock, so it fails with "pool is in use" while
+/// a daemon has the pool open. Errors only when the pool cannot be read at all (no such
+/// directory, I/O errors, lock held); damage is reported in the report.
+pub fn check(dir: &Path) -> Result<CheckReport> {
+    let _lock = crate::pool::lock_dir(dir)?;
+    match open_files(dir, true) {
+        Ok(storage) => check_storage(storage),
+        Err(e)
+            if e.kind() == crate::ErrorKind::Corrupt
+                || e.kind() == crate::ErrorKind::Unsupported =>
+        {
+            Ok(CheckReport {
+                problems: vec![e.to_string()],
+                ..Default::default()
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Checks a pool on the given backends.
+pub fn check_storage(storage: PoolStorage) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let (store, loaded) = match Store::load(storage.superblock, storage.meta) {
+        Ok(x) => x,
+        Err(e)
+            if matches!(
+                e.kind(),
+                crate::ErrorKind::Corrupt | crate::ErrorKind::Unsupported
+            ) =>
+        {
+            report.problems.push(e.to_string());
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
+    };
+    report.notes.extend(loaded.notes);
+    if store.sb.flags & FLAG_NEEDS_CHECK != 0 {
+        report
+            .notes
+            .push("the pool is open or was not closed cleanly; open replays the journal".into());
+    }
+    let geo = Geometry {
+        chunk_blocks: store.sb.chunk_blocks,
+        capacity_blocks: store.sb.capacity_blocks,
+    };
+    let mut st = State::from_checkpoint(geo, &loaded.checkpoint, &mut report.problems);
+    for (seq, batch) in &loaded.scan.batches {
+        for (k, r) in batch.iter().enumerate() {
+            if let Err(e) = st.apply(r) {
+                report
+                    .problems
+                    .push(format!("journal batch {seq}, record {k} ({r:?}): {e}"));
+            }
+        }
+        let pending = st.space.take_pending();
+        st.space.release(&pending);
+    }
+    if let Some(why) = &loaded.scan.stopped {
+        report
+            .notes
+            .push(format!("journal tail cut off at open: {why}"));
+    }
+    match storage.data.len() {
+        Ok(len) if len < geo.capacity_blocks * BLOCK_SIZE => report.problems.push(format!(
+            "data store is {len} bytes, smaller than the capacity {}",
+            geo.capacity_blocks * BLOCK_SIZE
+        )),
+        Ok(_) => {}
+        Err(e) => report
+            .problems
+            .push(format!("cannot read the data store's size: {e}")),
+    }
+    report.devices = st.devices.len();
+    report.used_blocks = st.space.used_blocks();
+    Ok(report)
+}

@@ -1,0 +1,589 @@
+//! Device handles and the data path: read, write with copy-on-write, discard, write-zeroes.
+//!
+//! This module owns turning a byte-range request into a plan (zero / read physical X /
+//! overwrite X in place / write new block Y, copying from X) under the metadata lock, doing
+//! the data I/O with no metadata lock held, and installing the new mappings after the data
+//! is written. It must never make a mapping visible before its data is in the backend, and
+//! never hand a read a block that could be reused before the read ends (see `pool`'s gate).
+
+use crate::pool::{not_found, Inner, Pool};
+use crate::stats::*;
+use crate::{Error, ErrorKind, Result};
+use hpm_format::{Record, BLOCK_SIZE};
+use hpm_io::Backend;
+use std::sync::Arc;
+
+const B: u64 = BLOCK_SIZE;
+
+/// An open device. Reads and writes at any byte offset and length within its size. While a
+/// handle is open the device cannot be removed.
+pub struct Device {
+    inner: Arc<Inner>,
+    id: u32,
+    name: String,
+    read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// The device owns the block: write over it.
+    InPlace,
+    /// A new block; `old` is the shared (or absent) block it replaces.
+    New { old: Option<u64> },
+    /// Chunk-granularity copy-on-write: copy `old` whole into the new block.
+    Copy { old: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    vblock: u64,
+    pblock: u64,
+    kind: Kind,
+}
+
+impl Pool {
+    /// Opens device `name` for I/O.
+    pub fn open_device(&self, name: &str) -> Result<Device> {
+        let mut live = self.inner.live.write();
+        let d = live.st.by_name(name).ok_or_else(|| not_found(name))?;
+        let (id, read_only) = (d.id, d.read_only);
+        *live.open.entry(id).or_default() += 1;
+        Ok(Device {
+            inner: self.inner.clone(),
+            id,
+            name: name.to_string(),
+            read_only,
+        })
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let mut live = self.inner.live.write();
+        if let Some(n) = live.open.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                live.open.remove(&self.id);
+            }
+        }
+    }
+}
+
+fn push_map(records: &mut Vec<Record>, dev: u32, vblock: u64, pblock: u64) {
+    if let Some(Record::Map {
+        dev: d,
+        vblock: v,
+        pblock: p,
+        count: c,
+    }) = records.last_mut()
+    {
+        if *d == dev
+            && *v + u64::from(*c) == vblock
+            && *p + u64::from(*c) == pblock
+            && *c < u32::MAX
+        {
+            *c += 1;
+            return;
+        }
+    }
+    records.push(Record::Map {
+        dev,
+        vblock,
+        pblock,
+        count: 1,
+    });
+}
+
+fn push_unmap(records: &mut Vec<Record>, dev: u32, vblock: u64) {
+    if let Some(Record::Unmap {
+        dev: d,
+        vblock: v,
+        count: c,
+    }) = records.last_mut()
+    {
+        if *d == dev && *v + u64::from(*c) == vblock && *c < u32::MAX {
+            *c += 1;
+            return;
+        }
+    }
+    records.push(Record::Unmap {
+        dev,
+        vblock,
+        count: 1,
+    });
+}
+
+impl Device {
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner
+            .live
+            .read()
+            .st
+            .devices
+            .get(&self.id)
+            .map_or(0, |d| d.size)
+    }
+
+    fn range_error(&self, off: u64, len: u64, size: u64) -> Error {
+        Error::new(
+            ErrorKind::Invalid,
+            format!(
+                "I/O at byte {off}+{len} is past the end of device {:?} ({size} bytes)",
+                self.name
+            ),
+        )
+    }
+
+    fn stripe(&self, vchunk: u64) -> &parking_lot::Mutex<()> {
+        let h = (u64::from(self.id).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ vchunk)
+            .wrapping_mul(0xff51_afd7_ed55_8ccd);
+        &self.inner.stripes[(h >> 32) as usize % self.inner.stripes.len()]
+    }
+
+    fn chunk_bytes(&self) -> u64 {
+        u64::from(self.inner.geo.chunk_blocks) * B
+    }
+
+    /// Reads `buf.len()` bytes at `off`. Unmapped blocks read as zeros without backend I/O.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let inner = &*self.inner;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let len = buf.len() as u64;
+        let cb = inner.geo.chunk_blocks;
+        // Held across the data I/O: the blocks planned cannot be reused until it is dropped.
+        let _gate = inner.gate.read();
+        // (buffer start, length, physical byte offset or None for zeros)
+        let mut runs: Vec<(usize, usize, Option<u64>)> = Vec::new();
+        {
+            let live = inner.live.read();
+            let d = live
+                .st
+                .devices
+                .get(&self.id)
+                .ok_or_else(|| not_found(&self.name))?;
+            if off.checked_add(len).is_none_or(|e| e > d.size) {
+                return Err(self.range_error(off, len, d.size));
+            }
+            for b in off / B..=(off + len - 1) / B {
+                let (s, e) = (off.max(b * B), (off + len).min((b + 1) * B));
+                let phys = d.map.lookup(b, cb).map(|p| p * B + (s - b * B));
+                let (bs, bl) = ((s - off) as usize, (e - s) as usize);
+                match runs.last_mut() {
+                    Some((_, l, Some(pp))) if phys.is_some_and(|p| *pp + *l as u64 == p) => {
+                        *l += bl
+                    }
+                    Some((_, l, None)) if phys.is_none() => *l += bl,
+                    _ => runs.push((bs, bl, phys)),
+                }
+            }
+        }
+        let st = &inner.stats;
+        st.add(&READS, 1);
+        st.add(&READ_BYTES, len);
+        for (s, l, phys) in runs {
+            let dst = &mut buf[s..s + l];
+            match phys {
+                None => {
+                    dst.fill(0);
+                    st.add(&ZERO_BLOCKS_READ, (l as u64).div_ceil(B));
+                }
+                Some(p) => {
+                    inner.data.read_at(dst, p).map_err(|e| {
+                        Error::io(
+                            format!("reading device {:?} at byte {}", self.name, off + s as u64),
+                            e,
+                        )
+                    })?;
+                    st.add(&BACKEND_READS, 1);
+                    st.add(&BACKEND_READ_BYTES, l as u64);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_write(&self, off: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(
+                ErrorKind::ReadOnly,
+                format!("device {:?} is read-only", self.name),
+            ));
+        }
+        self.inner.check_writable()?;
+        let size = self.size();
+        if off.checked_add(len).is_none_or(|e| e > size) {
+            return Err(self.range_error(off, len, size));
+        }
+        Ok(())
+    }
+
+    /// Calls `f(chunk_start, chunk_end)` for each chunk-aligned piece of `[off, off+len)`.
+    fn per_chunk(
+        &self,
+        off: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        let cbytes = self.chunk_bytes();
+        let mut pos = off;
+        while pos < off + len {
+            let end = (off + len).min((pos / cbytes + 1) * cbytes);
+            f(pos, end)?;
+            pos = end;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `off`. Visible to reads when it returns; durable after `flush`.
+    pub fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.check_write(off, buf.len() as u64)?;
+        self.inner.stats.add(&WRITES, 1);
+        self.inner.stats.add(&WRITE_BYTES, buf.len() as u64);
+        self.per_chunk(off, buf.len() as u64, |s, e| {
+            self.write_chunk(&buf[(s - off) as usize..(e - off) as usize], s)
+        })
+    }
+
+    /// One chunk's part of a write: plan, data I/O, install.
+    fn write_chunk(&self, data: &[u8], off: u64) -> Result<()> {
+        let inner = &*self.inner;
+        let cb = inner.geo.chunk_blocks;
+        let c = u64::from(cb);
+        let (first, last) = (off / B, (off + data.len() as u64 - 1) / B);
+        let vchunk = first / c;
+        let _stripe = self.stripe(vchunk).lock();
+        // Fast path: every block already owned, nothing to allocate or install.
+        let owned: Option<Vec<Op>> = {
+            let live = inner.live.read();
+            let d = live
+                .st
+                .devices
+                .get(&self.id)
+                .ok_or_else(|| not_found(&self.name))?;
+            (first..=last)
+                .map(|b| {
+                    d.map
+                        .lookup(b, cb)
+                        .filter(|&p| live.st.space.refs(p) == 1)
+                        .map(|p| Op {
+                            vblock: b,
+                            pblock: p,
+                            kind: Kind::InPlace,
+                        })
+                })
+                .collect()
+        };
+        let ops = match owned {
+            Some(ops) => ops,
+            None => self.plan_alloc(first, last)?,
+        };
+        if let Err(e) = self.write_ops(&ops, data, off) {
+            let mut live = inner.live.write();
+            for op in &ops {
+                if !matches!(op.kind, Kind::InPlace) {
+                    live.st.space.unreserve(op.pblock);
+                }
+            }
+            return Err(e);
+        }
+        if ops.iter().all(|o| matches!(o.kind, Kind::InPlace)) {
+            return Ok(());
+        }
+        let mut live = inner.live.write();
+        let live = &mut *live;
+        for op in ops.iter().filter(|o| !matches!(o.kind, Kind::InPlace)) {
+            live.st.space.unreserve(op.pblock);
+            let r = Record::Map {
+                dev: self.id,
+                vblock: op.vblock,
+                pblock: op.pblock,
+                count: 1,
+            };
+            live.st
+                .apply(&r)
+                .map_err(|e| Error::new(ErrorKind::Corrupt, format!("installing a write: {e}")))?;
+            push_map(&mut live.records, self.id, op.vblock, op.pblock);
+        }
+        Ok(())
+    }
+
+    /// Plans a write that needs new blocks, reserving them.
+    fn plan_alloc(&self, first: u64, last: u64) -> Result<Vec<Op>> {
+        let inner = &*self.inner;
+        let cb = inner.geo.chunk_blocks;
+        let c = u64::from(cb);
+        let vchunk = first / c;
+        let mut live = inner.live.write();
+        let st = &mut live.st;
+        let d = st
+            .devices
+            .get(&self.id)
+            .ok_or_else(|| not_found(&self.name))?;
+        let entry = d.map.get(vchunk).cloned();
+        let mut ops = Vec::new();
+        let chunk_copy = inner.cow == crate::CowGranularity::Chunk
+            && entry.as_ref().is_some_and(|e| {
+                let mut shared = false;
+                e.for_each(cb, |_, p| shared |= st.space.refs(p) > 1);
+                shared
+            });
+        let stats = &inner.stats;
+        let fail = |st: &mut crate::state::State, ops: &[Op]| {
+            for op in ops {
+                if !matches!(op.kind, Kind::InPlace) {
+                    st.space.unreserve(op.pblock);
+                }
+            }
+            Error::new(
+                ErrorKind::NoSpace,
+                format!("the pool is full: no free block for device {:?}; remove devices or discard to free space", self.name),
+            )
+        };
+        if chunk_copy {
+            // dm-thin style: every mapped block of the chunk moves to one new chunk.
+            let e = entry.expect("checked");
+            let mut slots: Vec<(u64, Option<u64>)> = Vec::new();
+            for i in 0..cb {
+                let b = vchunk * c + u64::from(i);
+                let old = e.block(i, cb);
+                if old.is_some() || (first..=last).contains(&b) {
+                    slots.push((b, old));
+                }
+            }
+            for (k, (b, old)) in slots.into_iter().enumerate() {
+                let Some((q, _)) = st.space.allocate(self.id, vchunk, (b % c) as u32, k == 0)
+                else {
+                    return Err(fail(st, &ops));
+                };
+                let kind = match old {
+                    Some(o) if !(first..=last).contains(&b) => Kind::Copy { old: o },
+                    old => Kind::New { old },
+                };
+                ops.push(Op {
+                    vblock: b,
+                    pblock: q,
+                    kind,
+                });
+            }
+            stats.add(
+                &COW_BLOCKS,
+                ops.iter()
+                    .filter(|o| !matches!(o.kind, Kind::New { old: None }))
+                    .count() as u64,
+            );
+            return Ok(ops);
+        }
+        let d = st.devices.get(&self.id).expect("checked");
+        let current: Vec<Option<u64>> = (first..=last).map(|b| d.map.lookup(b, cb)).collect();
+        for (b, cur) in (first..=last).zip(current) {
+            match cur {
+                Some(p) if st.space.refs(p) == 1 => ops.push(Op {
+                    vblock: b,
+                    pblock: p,
+                    kind: Kind::InPlace,
+                }),
+                old => {
+                    let Some((q, _)) = st.space.allocate(self.id, vchunk, (b % c) as u32, false)
+                    else {
+                        return Err(fail(st, &ops));
+                    };
+                    ops.push(Op {
+                        vblock: b,
+                        pblock: q,
+                        kind: Kind::New { old },
+                    });
+                }
+            }
+        }
+        Ok(ops)
+    }
+
+    /// The data I/O of a planned write; `data` starts at byte `off` of the device.
+    fn write_ops(&self, ops: &[Op], data: &[u8], off: u64) -> Result<()> {
+        let inner = &*self.inner;
+        let st = &inner.stats;
+        let end = off + data.len() as u64;
+        let werr = |e| Error::io(format!("writing device {:?} near byte {off}", self.name), e);
+        let mut k = 0;
+        while k < ops.len() {
+            let op = ops[k];
+            let (bs, be) = (op.vblock * B, (op.vblock + 1) * B);
+            let full = bs >= off && be <= end;
+            match op.kind {
+                Kind::Copy { old } => {
+                    let mut blk = vec![0u8; B as usize];
+                    inner
+                        .data
+                        .read_at(&mut blk, old * B)
+                        .map_err(|e| Error::io("reading a block to copy", e))?;
+                    inner.data.write_at(&blk, op.pblock * B).map_err(werr)?;
+                    st.add(&COW_COPIED_BYTES, B);
+                    st.add(&BACKEND_WRITE_BYTES, B);
+                    st.add(&BACKEND_WRITES, 1);
+                    k += 1;
+                }
+                _ if full => {
+                    // A run of whole blocks at consecutive physical blocks: one write.
+                    let mut j = k + 1;
+                    while j < ops.len()
+                        && ops[j].pblock == ops[j - 1].pblock + 1
+                        && ops[j].vblock == ops[j - 1].vblock + 1
+                        && (ops[j].vblock + 1) * B <= end
+                        && !matches!(ops[j].kind, Kind::Copy { .. })
+                    {
+                        j += 1;
+                    }
+                    let src =
+                        &data[(bs - off) as usize..((ops[j - 1].vblock + 1) * B - off) as usize];
+                    inner.data.write_at(src, op.pblock * B).map_err(werr)?;
+                    st.add(&BACKEND_WRITES, 1);
+                    st.add(&BACKEND_WRITE_BYTES, src.len() as u64);
+                    for o in &ops[k..j] {
+                        self.count(o.kind);
+                    }
+                    k = j;
+                }
+                Kind::InPlace => {
+                    // Part of an owned block: write just those bytes.
+                    let (s, e) = (off.max(bs), end.min(be));
+                    inner
+                        .data
+                        .write_at(
+                            &data[(s - off) as usize..(e - off) as usize],
+                            op.pblock * B + (s - bs),
+                        )
+                        .map_err(werr)?;
+                    st.add(&BACKEND_WRITES, 1);
+                    st.add(&BACKEND_WRITE_BYTES, e - s);
+                    st.add(&IN_PLACE_BLOCKS, 1);
+                    k += 1;
+                }
+                Kind::New { old } => {
+                    // Part of a new block: the rest comes from the block it replaces, or zeros.
+                    let mut blk = vec![0u8; B as usize];
+                    if let Some(o) = old {
+                        inner
+                            .data
+                            .read_at(&mut blk, o * B)
+                            .map_err(|e| Error::io("reading a block to copy", e))?;
+                        st.add(&COW_COPIED_BYTES, B);
+                        st.add(&BACKEND_READ_BYTES, B);
+                    }
+                    let (s, e) = (off.max(bs), end.min(be));
+                    blk[(s - bs) as usize..(e - bs) as usize]
+                        .copy_from_slice(&data[(s - off) as usize..(e - off) as usize]);
+                    inner.data.write_at(&blk, op.pblock * B).map_err(werr)?;
+                    st.add(&BACKEND_WRITES, 1);
+                    st.add(&BACKEND_WRITE_BYTES, B);
+                    self.count(op.kind);
+                    k += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn count(&self, kind: Kind) {
+        let st = &self.inner.stats;
+        match kind {
+            Kind::InPlace => st.add(&IN_PLACE_BLOCKS, 1),
+            Kind::New { old: None } => st.add(&NEW_BLOCKS, 1),
+            Kind::New { old: Some(_) } => {
+                if self.inner.cow == crate::CowGranularity::Block {
+                    st.add(&COW_BLOCKS, 1)
+                }
+            }
+            Kind::Copy { .. } => {}
+        }
+    }
+
+    /// Makes every completed write of the whole pool durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.check_writable()?;
+        self.inner.commit()
+    }
+
+    /// Unmaps the 4 KiB blocks wholly inside `[off, off+len)`: they read as zeros and their
+    /// space is freed once the unmap is durable. Partly covered blocks are left unchanged.
+    pub fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.check_write(off, len)?;
+        let (first, end) = (off.div_ceil(B), (off + len) / B);
+        if first >= end {
+            return Ok(());
+        }
+        let cb = self.inner.geo.chunk_blocks;
+        self.per_chunk(first * B, (end - first) * B, |s, e| {
+            let _stripe = self.stripe(s / B / u64::from(cb)).lock();
+            let mut live = self.inner.live.write();
+            let live = &mut *live;
+            for b in s / B..e / B {
+                let d = live
+                    .st
+                    .devices
+                    .get(&self.id)
+                    .ok_or_else(|| not_found(&self.name))?;
+                if d.map.lookup(b, cb).is_some() {
+                    let r = Record::Unmap {
+                        dev: self.id,
+                        vblock: b,
+                        count: 1,
+                    };
+                    live.st
+                        .apply(&r)
+                        .map_err(|e| Error::new(ErrorKind::Corrupt, e))?;
+                    push_unmap(&mut live.records, self.id, b);
+                    self.inner.stats.add(&DISCARDED_BLOCKS, 1);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Makes `[off, off+len)` read as zeros: whole blocks are unmapped, partial ones written.
+    pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        self.check_write(off, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.discard(off, len)?;
+        let end = off + len;
+        let head_end = end.min(off.next_multiple_of(B));
+        let tail_start = (end / B * B).max(off);
+        let mut pieces = vec![(off, head_end)];
+        if tail_start >= head_end {
+            pieces.push((tail_start, end));
+        }
+        for (s, e) in pieces {
+            if e > s && (s % B != 0 || e % B != 0) {
+                let mapped = {
+                    let live = self.inner.live.read();
+                    live.st
+                        .devices
+                        .get(&self.id)
+                        .and_then(|d| d.map.lookup(s / B, self.inner.geo.chunk_blocks))
+                        .is_some()
+                };
+                if mapped {
+                    self.write_at(&vec![0u8; (e - s) as usize], s)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

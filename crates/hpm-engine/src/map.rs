@@ -1,0 +1,362 @@
+//! A device's two-level map: virtual chunk -> entry, entry -> physical blocks.
+//!
+//! This module owns the in-memory representation of one device's mapping and the rules that
+//! move an entry between its two forms. It must never allocate physical space or count
+//! references: callers (`state`) do that around every change it reports.
+//!
+//! - `Compact`: every present block i of the virtual chunk is block i of one physical chunk.
+//!   24 bytes; a full chunk needs no bitmap at all, a partial one a heap bitmap of C/8 bytes.
+//! - `Split`: one physical block number per block (8 bytes per block), used only once a
+//!   chunk's blocks live in more than one physical chunk or off their own offset. A split
+//!   entry collapses back to `Compact` as soon as its blocks line up again.
+//!
+//! Entries live in pages of `PAGE` slots indexed directly by virtual chunk, so a lookup is
+//! two array indexes whatever the snapshot depth; a snapshot clones only the pages that hold
+//! entries.
+
+use hpm_format::{bitmap_words, EntryRecord, NO_BLOCK};
+
+const PAGE: usize = 64;
+
+/// One virtual chunk's mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// Blocks at their own offset in `pchunk`; `present` None means all blocks.
+    Compact {
+        pchunk: u32,
+        present: Option<Box<[u64]>>,
+    },
+    /// Per-block physical numbers, `NO_BLOCK` where unmapped.
+    Split(Box<[u64]>),
+}
+
+impl Entry {
+    /// Physical block of slot `i`, if mapped.
+    pub(crate) fn block(&self, i: u32, chunk_blocks: u32) -> Option<u64> {
+        match self {
+            Entry::Compact { pchunk, present } => {
+                let on = present
+                    .as_ref()
+                    .is_none_or(|b| b[i as usize / 64] >> (i % 64) & 1 == 1);
+                on.then(|| u64::from(*pchunk) * u64::from(chunk_blocks) + u64::from(i))
+            }
+            Entry::Split(blocks) => Some(blocks[i as usize]).filter(|&b| b != NO_BLOCK),
+        }
+    }
+
+    /// Calls `f(slot, pblock)` for every mapped slot.
+    pub(crate) fn for_each(&self, chunk_blocks: u32, mut f: impl FnMut(u32, u64)) {
+        for i in 0..chunk_blocks {
+            if let Some(p) = self.block(i, chunk_blocks) {
+                f(i, p);
+            }
+        }
+    }
+
+    /// Number of mapped slots.
+    pub(crate) fn count(&self, chunk_blocks: u32) -> u32 {
+        match self {
+            Entry::Compact { present: None, .. } => chunk_blocks,
+            Entry::Compact {
+                present: Some(b), ..
+            } => b.iter().map(|w| w.count_ones()).sum(),
+            Entry::Split(blocks) => blocks.iter().filter(|&&b| b != NO_BLOCK).count() as u32,
+        }
+    }
+
+    fn to_blocks(&self, chunk_blocks: u32) -> Box<[u64]> {
+        (0..chunk_blocks)
+            .map(|i| self.block(i, chunk_blocks).unwrap_or(NO_BLOCK))
+            .collect()
+    }
+
+    /// The compact form of `blocks`, if they line up in one physical chunk.
+    fn compact_of(blocks: &[u64], chunk_blocks: u32) -> Option<Entry> {
+        let c = u64::from(chunk_blocks);
+        let mut pchunk = None;
+        let mut bits = vec![0u64; bitmap_words(chunk_blocks)];
+        for (i, &b) in blocks.iter().enumerate() {
+            if b == NO_BLOCK {
+                continue;
+            }
+            if b % c != i as u64 || *pchunk.get_or_insert(b / c) != b / c {
+                return None;
+            }
+            bits[i / 64] |= 1 << (i % 64);
+        }
+        let pchunk = u32::try_from(pchunk?).ok()?;
+        Some(Entry::Compact {
+            pchunk,
+            present: compress_bits(bits, chunk_blocks),
+        })
+    }
+
+    /// The stored form.
+    pub(crate) fn to_record(&self, chunk_blocks: u32) -> EntryRecord {
+        match self {
+            Entry::Compact { pchunk, present } => EntryRecord::Compact {
+                pchunk: *pchunk,
+                present: match present {
+                    Some(b) => b.to_vec(),
+                    None => full_bits(chunk_blocks),
+                },
+            },
+            Entry::Split(blocks) => EntryRecord::Split {
+                blocks: blocks.to_vec(),
+            },
+        }
+    }
+
+    /// From the stored form; `None` if it maps nothing. Bounds are checked by the caller.
+    pub(crate) fn from_record(r: &EntryRecord, chunk_blocks: u32) -> Option<Entry> {
+        let e = match r {
+            EntryRecord::Compact { pchunk, present } => {
+                let mut bits = present.clone();
+                mask_tail(&mut bits, chunk_blocks);
+                Entry::Compact {
+                    pchunk: *pchunk,
+                    present: compress_bits(bits, chunk_blocks),
+                }
+            }
+            EntryRecord::Split { blocks } => Entry::compact_of(blocks, chunk_blocks)
+                .unwrap_or_else(|| Entry::Split(blocks.clone().into())),
+        };
+        (e.count(chunk_blocks) > 0).then_some(e)
+    }
+}
+
+fn full_bits(chunk_blocks: u32) -> Vec<u64> {
+    let mut bits = vec![u64::MAX; bitmap_words(chunk_blocks)];
+    mask_tail(&mut bits, chunk_blocks);
+    bits
+}
+
+fn mask_tail(bits: &mut [u64], chunk_blocks: u32) {
+    if !chunk_blocks.is_multiple_of(64) {
+        if let Some(last) = bits.last_mut() {
+            *last &= (1u64 << (chunk_blocks % 64)) - 1;
+        }
+    }
+}
+
+fn compress_bits(bits: Vec<u64>, chunk_blocks: u32) -> Option<Box<[u64]>> {
+    (bits != full_bits(chunk_blocks)).then(|| bits.into_boxed_slice())
+}
+
+/// One device's map.
+#[derive(Clone, Default)]
+pub(crate) struct DeviceMap {
+    pages: Vec<Option<Box<[Option<Entry>; PAGE]>>>,
+}
+
+impl DeviceMap {
+    /// The entry of virtual chunk `v`.
+    pub(crate) fn get(&self, v: u64) -> Option<&Entry> {
+        let page = self.pages.get((v / PAGE as u64) as usize)?.as_ref()?;
+        page[(v % PAGE as u64) as usize].as_ref()
+    }
+
+    /// Physical block of virtual block `vblock`, if mapped.
+    pub(crate) fn lookup(&self, vblock: u64, chunk_blocks: u32) -> Option<u64> {
+        let c = u64::from(chunk_blocks);
+        self.get(vblock / c)?
+            .block((vblock % c) as u32, chunk_blocks)
+    }
+
+    fn slot_mut(&mut self, v: u64) -> &mut Option<Entry> {
+        let p = (v / PAGE as u64) as usize;
+        if self.pages.len() <= p {
+            self.pages.resize_with(p + 1, || None);
+        }
+        let page = self.pages[p].get_or_insert_with(|| Box::new(std::array::from_fn(|_| None)));
+        &mut page[(v % PAGE as u64) as usize]
+    }
+
+    /// Sets (or clears) the entry of virtual chunk `v` wholesale.
+    pub(crate) fn put(&mut self, v: u64, e: Option<Entry>) {
+        if e.is_none() && self.get(v).is_none() {
+            return;
+        }
+        *self.slot_mut(v) = e;
+        if self.get(v).is_none() {
+            self.drop_page_if_empty(v);
+        }
+    }
+
+    fn drop_page_if_empty(&mut self, v: u64) {
+        let p = (v / PAGE as u64) as usize;
+        if let Some(Some(page)) = self.pages.get(p) {
+            if page.iter().all(Option::is_none) {
+                self.pages[p] = None;
+            }
+        }
+    }
+
+    /// Maps (or with `None` unmaps) one virtual block; returns the physical block it had.
+    /// Keeps each entry in its smallest form: compact when the blocks line up, split when not.
+    pub(crate) fn set_block(
+        &mut self,
+        vblock: u64,
+        new: Option<u64>,
+        chunk_blocks: u32,
+    ) -> Option<u64> {
+        let c = u64::from(chunk_blocks);
+        let (v, i) = (vblock / c, (vblock % c) as u32);
+        let slot = self.slot_mut(v);
+        let old = slot.as_ref().and_then(|e| e.block(i, chunk_blocks));
+        if old == new {
+            if slot.is_none() {
+                self.drop_page_if_empty(v);
+            }
+            return old;
+        }
+        let next = match (slot.take(), new) {
+            (None, None) => None,
+            (None, Some(p)) => {
+                let mut blocks = vec![NO_BLOCK; chunk_blocks as usize];
+                blocks[i as usize] = p;
+                Entry::compact_of(&blocks, chunk_blocks).or(Some(Entry::Split(blocks.into())))
+            }
+            (Some(Entry::Compact { pchunk, present }), n)
+                if n.is_none() || n == Some(u64::from(pchunk) * c + u64::from(i)) =>
+            {
+                let mut bits = present
+                    .map(Vec::from)
+                    .unwrap_or_else(|| full_bits(chunk_blocks));
+                let (w, b) = (i as usize / 64, i % 64);
+                if n.is_some() {
+                    bits[w] |= 1 << b;
+                } else {
+                    bits[w] &= !(1 << b);
+                }
+                if bits.iter().all(|&x| x == 0) {
+                    None
+                } else {
+                    Some(Entry::Compact {
+                        pchunk,
+                        present: compress_bits(bits, chunk_blocks),
+                    })
+                }
+            }
+            (Some(e), n) => {
+                let mut blocks = e.to_blocks(chunk_blocks);
+                blocks[i as usize] = n.unwrap_or(NO_BLOCK);
+                if blocks.iter().all(|&b| b == NO_BLOCK) {
+                    None
+                } else {
+                    Entry::compact_of(&blocks, chunk_blocks).or(Some(Entry::Split(blocks)))
+                }
+            }
+        };
+        *slot = next;
+        if slot.is_none() {
+            self.drop_page_if_empty(v);
+        }
+        old
+    }
+
+    /// Every mapped virtual chunk in ascending order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (u64, &Entry)> {
+        self.pages.iter().enumerate().flat_map(|(p, page)| {
+            page.iter().flat_map(move |pg| {
+                pg.iter()
+                    .enumerate()
+                    .filter_map(move |(k, e)| e.as_ref().map(|e| ((p * PAGE + k) as u64, e)))
+            })
+        })
+    }
+
+    /// Heap and inline bytes this map uses (for the metadata-cost benchmark).
+    pub(crate) fn memory_bytes(&self, chunk_blocks: u32) -> usize {
+        let mut n =
+            self.pages.capacity() * std::mem::size_of::<Option<Box<[Option<Entry>; PAGE]>>>();
+        for page in self.pages.iter().flatten() {
+            n += std::mem::size_of::<[Option<Entry>; PAGE]>();
+            for e in page.iter().flatten() {
+                n += match e {
+                    Entry::Compact {
+                        present: Some(b), ..
+                    } => b.len() * 8,
+                    Entry::Compact { present: None, .. } => 0,
+                    Entry::Split(_) => chunk_blocks as usize * 8,
+                };
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const C: u32 = 16;
+
+    #[test]
+    fn entry_is_small() {
+        assert!(std::mem::size_of::<Option<Entry>>() <= 24);
+    }
+
+    #[test]
+    fn sequential_blocks_stay_compact_and_fill_up() {
+        let mut m = DeviceMap::default();
+        for i in 0..C as u64 {
+            assert_eq!(m.set_block(16 + i, Some(5 * 16 + i), C), None);
+            assert!(matches!(m.get(1), Some(Entry::Compact { pchunk: 5, .. })));
+        }
+        assert_eq!(
+            m.get(1),
+            Some(&Entry::Compact {
+                pchunk: 5,
+                present: None
+            })
+        );
+        assert_eq!(m.lookup(16 + 3, C), Some(83));
+        assert_eq!(m.lookup(3, C), None);
+    }
+
+    #[test]
+    fn off_offset_write_splits_and_collapses_back() {
+        let mut m = DeviceMap::default();
+        for i in 0..C as u64 {
+            m.set_block(i, Some(2 * 16 + i), C);
+        }
+        // Copy-on-write of block 3 into chunk 7: split.
+        assert_eq!(m.set_block(3, Some(7 * 16 + 3), C), Some(35));
+        assert!(matches!(m.get(0), Some(Entry::Split(_))));
+        assert_eq!(m.lookup(3, C), Some(115));
+        assert_eq!(m.lookup(4, C), Some(36));
+        // Every other block moves to chunk 7 too: compact again.
+        for i in (0..C as u64).filter(|&i| i != 3) {
+            m.set_block(i, Some(7 * 16 + i), C);
+        }
+        assert_eq!(
+            m.get(0),
+            Some(&Entry::Compact {
+                pchunk: 7,
+                present: None
+            })
+        );
+        // Unmapping everything removes the entry and its page.
+        for i in 0..C as u64 {
+            m.set_block(i, None, C);
+        }
+        assert!(m.get(0).is_none());
+        assert_eq!(m.entries().count(), 0);
+        assert!(m.pages.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut m = DeviceMap::default();
+        m.set_block(1, Some(33), C);
+        m.set_block(2, Some(99), C);
+        m.set_block(100, Some(4 * 16 + 4), C);
+        for (v, e) in m.entries() {
+            assert_eq!(
+                Entry::from_record(&e.to_record(C), C).as_ref(),
+                Some(e),
+                "chunk {v}"
+            );
+        }
+    }
+}

@@ -1,0 +1,768 @@
+//! The pool: creation, open with recovery, device management, commit and checkpoint.
+//!
+//! This module owns the locks and their order, and the commit protocol's sequencing:
+//!
+//! - `store` (Mutex): serializes commits and checkpoints. Taken first.
+//! - `gate` (RwLock): every read holds it shared across its data I/O; making freed blocks
+//!   reusable takes it exclusively, so no read can still be reading a block that another
+//!   device is about to be given.
+//! - `stripes` (Mutex per (device, virtual chunk) hash): held by writes, discards and
+//!   write-zeroes across plan, data I/O and install, so one chunk of one device changes in
+//!   one place at a time.
+//! - `live` (RwLock): the metadata state and the records not yet committed. Held only to plan
+//!   or to install, never across data I/O.
+//!
+//! Order: store -> gate -> stripe -> live. It must never hold `live` across backend I/O,
+//! except at checkpoints, which must see a state with no install in progress.
+
+use crate::state::{check_name, DeviceState, Geometry, State};
+use crate::stats::{EngineStats, Stats};
+use crate::store::{Dev, PoolStorage, Store};
+use crate::{Error, ErrorKind, Result};
+use hpm_format::{
+    Record, Superblock, BLOCK_SIZE, FLAG_NEEDS_CHECK, MAX_CHUNK_BLOCKS, MIN_CHUNK_BLOCKS,
+};
+use hpm_io::{Backend, Checked, FileBackend};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Copy-on-write granularity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CowGranularity {
+    /// Copy exactly the 4 KiB blocks written (hpmapper).
+    #[default]
+    Block,
+    /// Copy the whole chunk on the first write to a shared chunk, as dm-thin does. Exists
+    /// only as the devicemapper-like baseline for benchmarks.
+    Chunk,
+}
+
+/// Options of `Pool::create`.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Chunk size in bytes: a power of two from 64 KiB to 4 MiB. Default 512 KiB.
+    pub chunk_size: u64,
+    /// Data capacity in bytes. Default: the block device's size, or 90% of the free space
+    /// of the filesystem holding the data file.
+    pub capacity: Option<u64>,
+    /// Data store: a block device or a file; default `<pool>/data`.
+    pub data: Option<PathBuf>,
+    /// Copy-on-write granularity.
+    pub cow: CowGranularity,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            chunk_size: 512 << 10,
+            capacity: None,
+            data: None,
+            cow: CowGranularity::Block,
+        }
+    }
+}
+
+/// Journal size that triggers a checkpoint after a commit.
+const CHECKPOINT_AFTER: u64 = 64 << 20;
+const STRIPES: usize = 1024;
+
+pub(crate) struct Live {
+    pub st: State,
+    pub records: Vec<Record>,
+    pub open: HashMap<u32, u32>,
+}
+
+pub(crate) struct Inner {
+    pub geo: Geometry,
+    pub cow: CowGranularity,
+    pub data: Dev,
+    pub live: RwLock<Live>,
+    pub store: Mutex<Store>,
+    pub stripes: Box<[Mutex<()>]>,
+    pub gate: RwLock<()>,
+    pub stats: Stats,
+    pub closed: std::sync::atomic::AtomicBool,
+    _lock: Option<File>,
+}
+
+/// A thin pool. Cheap to clone; all clones share one pool.
+#[derive(Clone)]
+pub struct Pool {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// One device as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device id.
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Name of the device it was snapshotted from, if any.
+    pub origin: Option<String>,
+    /// Refuses writes.
+    pub read_only: bool,
+    /// Bytes of mapped blocks.
+    pub mapped_bytes: u64,
+    /// Bytes of mapped blocks no other device shares.
+    pub exclusive_bytes: u64,
+}
+
+/// Pool figures.
+#[derive(Debug, Clone)]
+pub struct PoolInfo {
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// Data capacity in bytes.
+    pub capacity_bytes: u64,
+    /// Bytes of data blocks in use.
+    pub used_bytes: u64,
+    /// Bytes of metadata on disk.
+    pub metadata_bytes: u64,
+    /// Number of devices.
+    pub devices: usize,
+    /// Copy-on-write granularity.
+    pub cow: CowGranularity,
+    /// Bytes the data store occupies on its filesystem (sparse files), if known.
+    pub data_allocated_bytes: Option<u64>,
+    /// Bytes of memory held by device maps.
+    pub map_memory_bytes: u64,
+    /// Bytes of memory held by space accounting.
+    pub space_memory_bytes: u64,
+    /// Number of compact and split map entries.
+    pub entries: (u64, u64),
+}
+
+pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(f),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "pool {} is in use by another process (the hpmapper daemon?)",
+                dir.display()
+            ),
+        )),
+        Err(e) => Err(Error::io(format!("locking {}", path.display()), e.into())),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
+}
+
+fn data_path(dir: &Path, sb: &Superblock) -> PathBuf {
+    if sb.data_path.is_empty() {
+        dir.join("data")
+    } else {
+        PathBuf::from(&sb.data_path)
+    }
+}
+
+/// Opens the files of an existing pool directory.
+pub(crate) fn open_files(dir: &Path, read_only: bool) -> Result<PoolStorage> {
+    let open = |name: &str| -> Result<Box<dyn Backend>> {
+        let p = dir.join(name);
+        let f = if read_only {
+            FileBackend::open_read_only(&p)
+        } else {
+            FileBackend::open(&p)
+        };
+        f.map(|b| Box::new(b) as Box<dyn Backend>).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::new(ErrorKind::NotFound, format!("{} is not an hpmapper pool (no {name}); create one with `hpmapper pool create`", dir.display()))
+            } else {
+                Error::io(format!("opening {}", p.display()), e)
+            }
+        })
+    };
+    let superblock = open("superblock")?;
+    let meta = [open("meta.0")?, open("meta.1")?];
+    // The data path is in the superblock; peek at it.
+    let (store, _) = Store::load(open("superblock")?, [open("meta.0")?, open("meta.1")?])?;
+    let dp = data_path(dir, &store.sb);
+    let data = if read_only {
+        FileBackend::open_read_only(&dp)
+    } else {
+        FileBackend::open(&dp)
+    }
+    .map_err(|e| Error::io(format!("opening the pool's data store {}", dp.display()), e))?;
+    Ok(PoolStorage {
+        superblock,
+        meta,
+        data: Box::new(data),
+    })
+}
+
+impl Pool {
+    /// Creates a pool in `dir` (created if missing; must hold no pool) and opens it.
+    pub fn create(dir: &Path, opts: &PoolOptions) -> Result<Pool> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let lock = lock_dir(dir)?;
+        for name in ["superblock", "meta.0", "meta.1"] {
+            if dir.join(name).exists() {
+                return Err(Error::new(
+                    ErrorKind::Exists,
+                    format!("{} already holds a pool", dir.display()),
+                ));
+            }
+        }
+        let new = |name: &str| -> Result<Box<dyn Backend>> {
+            let p = dir.join(name);
+            Ok(Box::new(FileBackend::create_new(&p).map_err(|e| {
+                Error::io(format!("creating {}", p.display()), e)
+            })?))
+        };
+        let (data, data_path): (Box<dyn Backend>, String) = match &opts.data {
+            Some(p) if p.exists() => {
+                let b = FileBackend::open(p)
+                    .map_err(|e| Error::io(format!("opening data store {}", p.display()), e))?;
+                (Box::new(b), p.to_string_lossy().into_owned())
+            }
+            Some(p) => {
+                let b = FileBackend::create_new(p)
+                    .map_err(|e| Error::io(format!("creating data store {}", p.display()), e))?;
+                (Box::new(b), p.to_string_lossy().into_owned())
+            }
+            None => (new("data")?, String::new()),
+        };
+        let capacity = match opts.capacity {
+            Some(c) => c,
+            None => {
+                let len = data
+                    .len()
+                    .map_err(|e| Error::io("reading the data store's size", e))?;
+                if len > 0 {
+                    len
+                } else {
+                    let st = rustix::fs::statvfs(dir)
+                        .map_err(|e| Error::io("reading free space", e.into()))?;
+                    st.f_bavail * st.f_frsize / 10 * 9
+                }
+            }
+        };
+        let storage = PoolStorage {
+            superblock: new("superblock")?,
+            meta: [new("meta.0")?, new("meta.1")?],
+            data,
+        };
+        let pool = Self::create_on(storage, opts, capacity, data_path, Some(lock))?;
+        sync_dir(dir)?;
+        Ok(pool)
+    }
+
+    /// Creates a pool on the given backends.
+    pub fn create_on(
+        storage: PoolStorage,
+        opts: &PoolOptions,
+        capacity: u64,
+        data_path: String,
+        lock: Option<File>,
+    ) -> Result<Pool> {
+        let cs = opts.chunk_size;
+        let chunk_blocks = cs / BLOCK_SIZE;
+        if !cs.is_multiple_of(BLOCK_SIZE)
+            || !chunk_blocks.is_power_of_two()
+            || !(u64::from(MIN_CHUNK_BLOCKS)..=u64::from(MAX_CHUNK_BLOCKS)).contains(&chunk_blocks)
+        {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("chunk size {cs} must be a power of two from 64K to 4M"),
+            ));
+        }
+        let capacity_blocks = capacity / cs * chunk_blocks;
+        if capacity_blocks == 0 {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("capacity {capacity} is smaller than one chunk ({cs})"),
+            ));
+        }
+        if capacity_blocks / chunk_blocks > u64::from(u32::MAX) {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("capacity {capacity} needs more than 2^32 chunks"),
+            ));
+        }
+        if data_path.len() > 2048 {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                "data path is longer than 2048 bytes",
+            ));
+        }
+        let data = Checked::new(storage.data);
+        let have = data
+            .len()
+            .map_err(|e| Error::io("reading the data store's size", e))?;
+        let need = capacity_blocks * BLOCK_SIZE;
+        if have < need {
+            data.set_len(need).map_err(|e| {
+                Error::io(
+                    format!("the data store holds {have} bytes, fewer than the capacity {need}"),
+                    e,
+                )
+            })?;
+        }
+        data.sync()
+            .map_err(|e| Error::io("syncing the data store", e))?;
+        let mut uuid = [0u8; 16];
+        rand::fill(&mut uuid);
+        let sb = Superblock {
+            slot: 0,
+            incompat: 0,
+            ro_compat: 0,
+            compat: 0,
+            sequence: 0,
+            uuid,
+            flags: 0,
+            chunk_blocks: chunk_blocks as u32,
+            cow_granularity: (opts.cow == CowGranularity::Chunk) as u8,
+            capacity_blocks,
+            active_meta: 0,
+            meta_gen: 0,
+            checkpoint_len: 0,
+            checkpoint_crc: 0,
+            data_path,
+        };
+        let store = Store::create(storage.superblock, storage.meta, sb)?;
+        let geo = Geometry {
+            chunk_blocks: chunk_blocks as u32,
+            capacity_blocks,
+        };
+        Self::start(store, data, State::new(geo), opts.cow, lock)
+    }
+
+    /// Opens the pool in `dir` for reading and writing, recovering from a crash if needed.
+    /// Fails with `Busy` ("pool is in use") while another process has it open.
+    pub fn open(dir: &Path) -> Result<Pool> {
+        let lock = lock_dir(dir)?;
+        let storage = open_files(dir, false)?;
+        Self::open_on(storage, Some(lock))
+    }
+
+    /// Opens a pool on the given backends.
+    pub fn open_on(storage: PoolStorage, lock: Option<File>) -> Result<Pool> {
+        let (mut store, loaded) = Store::load(storage.superblock, storage.meta)?;
+        if !store.sb.writable_by_this_build() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "pool uses read-only-compatible features {:#x} this hpmapper cannot write",
+                    store.sb.ro_compat
+                ),
+            ));
+        }
+        let geo = Geometry {
+            chunk_blocks: store.sb.chunk_blocks,
+            capacity_blocks: store.sb.capacity_blocks,
+        };
+        let mut problems = Vec::new();
+        let mut st = State::from_checkpoint(geo, &loaded.checkpoint, &mut problems);
+        if let Some(p) = problems.first() {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("pool metadata is inconsistent ({} problems, first: {p}); run `hpmapper check` for all", problems.len()),
+            ));
+        }
+        let mut freed = Vec::new();
+        for (seq, batch) in &loaded.scan.batches {
+            for (k, r) in batch.iter().enumerate() {
+                st.apply(r).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Corrupt,
+                        format!("journal batch {seq}, record {k}: {e}; run `hpmapper check`"),
+                    )
+                })?;
+            }
+            // Each batch was durable before the next began, so its frees were reusable then.
+            let pending = st.space.take_pending();
+            st.space.release(&pending);
+            freed.extend(pending);
+        }
+        let data = Checked::new(storage.data);
+        let have = data
+            .len()
+            .map_err(|e| Error::io("reading the data store's size", e))?;
+        if have < geo.capacity_blocks * BLOCK_SIZE {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "the data store is {have} bytes, smaller than the pool's capacity {}",
+                    geo.capacity_blocks * BLOCK_SIZE
+                ),
+            ));
+        }
+        if store.sb.flags & FLAG_NEEDS_CHECK != 0 {
+            tracing::info!(
+                batches = loaded.scan.batches.len(),
+                "pool was not closed cleanly; recovered from the journal"
+            );
+        }
+        if let Some(why) = &loaded.scan.stopped {
+            tracing::info!("journal ends in a torn or damaged batch, cut off: {why}");
+            store.truncate_journal()?;
+        }
+        // Blocks freed by replayed batches may not have been punched before the crash; punch
+        // those still free (nothing else runs yet, so none can be reused meanwhile).
+        freed.retain(|&p| st.space.refs(p) == 0 && !st.space.is_pending(p));
+        punch_runs(&data, &freed);
+        st.finish_load();
+        let cow = if store.sb.cow_granularity == 1 {
+            CowGranularity::Chunk
+        } else {
+            CowGranularity::Block
+        };
+        Self::start(store, data, st, cow, lock)
+    }
+
+    fn start(
+        mut store: Store,
+        data: Dev,
+        st: State,
+        cow: CowGranularity,
+        lock: Option<File>,
+    ) -> Result<Pool> {
+        store.set_needs_check(true)?;
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                geo: st.geo,
+                cow,
+                data,
+                live: RwLock::new(Live {
+                    st,
+                    records: Vec::new(),
+                    open: HashMap::new(),
+                }),
+                store: Mutex::new(store),
+                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                gate: RwLock::new(()),
+                stats: Stats::default(),
+                closed: false.into(),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// Makes every completed write and metadata change durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.commit()
+    }
+
+    /// Flushes, writes a checkpoint, clears `needs_check` and releases the pool. Dropping the
+    /// last handle does the same but can only log failures.
+    pub fn close(self) -> Result<()> {
+        self.inner.close()
+    }
+
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        u64::from(self.inner.geo.chunk_blocks) * BLOCK_SIZE
+    }
+
+    /// Copy-on-write granularity.
+    pub fn cow_granularity(&self) -> CowGranularity {
+        self.inner.cow
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> EngineStats {
+        self.inner.stats.snapshot()
+    }
+
+    fn info_of(&self, st: &State, d: &DeviceState) -> DeviceInfo {
+        let (mapped, exclusive) = st.usage(d);
+        DeviceInfo {
+            id: d.id,
+            name: d.name.clone(),
+            size: d.size,
+            origin: (!d.origin.is_empty()).then(|| d.origin.clone()),
+            read_only: d.read_only,
+            mapped_bytes: mapped * BLOCK_SIZE,
+            exclusive_bytes: exclusive * BLOCK_SIZE,
+        }
+    }
+
+    /// Every device, by name.
+    pub fn list_devices(&self) -> Vec<DeviceInfo> {
+        let live = self.inner.live.read();
+        let mut v: Vec<_> = live
+            .st
+            .devices
+            .values()
+            .map(|d| self.info_of(&live.st, d))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// One device.
+    pub fn device_info(&self, name: &str) -> Result<DeviceInfo> {
+        let live = self.inner.live.read();
+        let d = live.st.by_name(name).ok_or_else(|| not_found(name))?;
+        Ok(self.info_of(&live.st, d))
+    }
+
+    /// Pool figures.
+    pub fn info(&self) -> Result<PoolInfo> {
+        let metadata_bytes = self.inner.store.lock().bytes();
+        let live = self.inner.live.read();
+        let cb = self.inner.geo.chunk_blocks;
+        let mut map_memory = 0;
+        let (mut compact, mut split) = (0, 0);
+        for d in live.st.devices.values() {
+            map_memory += d.map.memory_bytes(cb) as u64;
+            for (_, e) in d.map.entries() {
+                match e {
+                    crate::map::Entry::Compact { .. } => compact += 1,
+                    crate::map::Entry::Split(_) => split += 1,
+                }
+            }
+        }
+        Ok(PoolInfo {
+            chunk_size: self.chunk_size(),
+            capacity_bytes: live.st.space.capacity_blocks() * BLOCK_SIZE,
+            used_bytes: live.st.space.used_blocks() * BLOCK_SIZE,
+            metadata_bytes,
+            devices: live.st.devices.len(),
+            cow: self.inner.cow,
+            data_allocated_bytes: self.inner.data.allocated_bytes().ok().flatten(),
+            map_memory_bytes: map_memory,
+            space_memory_bytes: live.st.space.memory_bytes() as u64,
+            entries: (compact, split),
+        })
+    }
+
+    /// Creates an empty device of `size` bytes (a multiple of 4096). Durable on return.
+    pub fn create_device(&self, name: &str, size: u64) -> Result<DeviceInfo> {
+        check_name(name).map_err(|e| Error::new(ErrorKind::Invalid, e))?;
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("device size {size} must be a positive multiple of 4096"),
+            ));
+        }
+        self.manage(|st| {
+            if st.names.contains_key(name) {
+                return Err(exists(name));
+            }
+            Ok(Record::CreateDevice {
+                id: st.next_id,
+                name: name.to_string(),
+                size,
+                read_only: false,
+            })
+        })?;
+        self.device_info(name)
+    }
+
+    /// Creates `name` sharing every block of `origin` (a snapshot; no data is copied).
+    /// Durable on return. Writes in flight on `origin` may or may not be captured.
+    pub fn snapshot(&self, origin: &str, name: &str, read_only: bool) -> Result<DeviceInfo> {
+        check_name(name).map_err(|e| Error::new(ErrorKind::Invalid, e))?;
+        self.manage(|st| {
+            let o = st.by_name(origin).ok_or_else(|| not_found(origin))?;
+            if st.names.contains_key(name) {
+                return Err(exists(name));
+            }
+            Ok(Record::Snapshot {
+                id: st.next_id,
+                origin: o.id,
+                name: name.to_string(),
+                read_only,
+            })
+        })?;
+        self.device_info(name)
+    }
+
+    /// Removes a device; its blocks that no other device shares are freed. Durable on return.
+    /// Fails with `Busy` while the device is open.
+    pub fn remove_device(&self, name: &str) -> Result<()> {
+        self.manage(|st| {
+            let d = st.by_name(name).ok_or_else(|| not_found(name))?;
+            Ok(Record::Remove { id: d.id })
+        })
+    }
+
+    /// Grows a device to `size` bytes. Shrinking is not supported. Durable on return.
+    pub fn resize_device(&self, name: &str, size: u64) -> Result<DeviceInfo> {
+        self.manage(|st| {
+            let d = st.by_name(name).ok_or_else(|| not_found(name))?;
+            if !size.is_multiple_of(BLOCK_SIZE) {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!("size {size} is not a multiple of 4096"),
+                ));
+            }
+            if size < d.size {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "shrinking device {name:?} from {} to {size} bytes is not supported",
+                        d.size
+                    ),
+                ));
+            }
+            Ok(Record::Resize { id: d.id, size })
+        })?;
+        self.device_info(name)
+    }
+
+    /// Applies one management record and commits it (with everything pending) at once.
+    fn manage(&self, make: impl FnOnce(&State) -> Result<Record>) -> Result<()> {
+        self.inner.check_writable()?;
+        {
+            let mut live = self.inner.live.write();
+            let r = make(&live.st)?;
+            if let Record::Remove { id } = &r {
+                if live.open.get(id).copied().unwrap_or(0) > 0 {
+                    let name = &live.st.devices[id].name;
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!("device {name:?} is open (attached or in use); detach it first"),
+                    ));
+                }
+            }
+            live.st
+                .apply(&r)
+                .map_err(|e| Error::new(ErrorKind::Invalid, e))?;
+            live.records.push(r);
+        }
+        self.inner.commit()
+    }
+}
+
+pub(crate) fn not_found(name: &str) -> Error {
+    Error::new(ErrorKind::NotFound, format!("no device named {name:?}"))
+}
+
+fn exists(name: &str) -> Error {
+    Error::new(
+        ErrorKind::Exists,
+        format!("a device named {name:?} already exists"),
+    )
+}
+
+/// Punches coalesced runs of `blocks`; failures are logged, not fatal (see `Checked::punch`).
+pub(crate) fn punch_runs(data: &Dev, blocks: &[u64]) {
+    let mut sorted = blocks.to_vec();
+    sorted.sort_unstable();
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i + 1;
+        while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
+            j += 1;
+        }
+        let (off, len) = (sorted[i] * BLOCK_SIZE, (j - i) as u64 * BLOCK_SIZE);
+        if let Err(e) = data.punch(off, len) {
+            tracing::warn!("could not punch freed blocks at byte {off}+{len}: {e}");
+        }
+        i = j;
+    }
+}
+
+impl Inner {
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if let Some(why) = self
+            .data
+            .poisoned()
+            .or_else(|| self.store.lock().poisoned())
+        {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "the pool refuses writes after an I/O failure ({why}); reopen it to recover"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The commit protocol: data sync, then the journal batch, then frees become reusable.
+    pub(crate) fn commit(&self) -> Result<()> {
+        let mut store = self.store.lock();
+        let (records, frees) = {
+            let mut live = self.live.write();
+            (
+                std::mem::take(&mut live.records),
+                live.st.space.take_pending(),
+            )
+        };
+        // IMPORTANT: data first, so no durable record ever points at data that is not.
+        self.data
+            .sync()
+            .map_err(|e| Error::io("flushing pool data", e))?;
+        store.append(&records)?;
+        self.stats.bump_commit();
+        self.release(&frees);
+        if store.journal_bytes() > CHECKPOINT_AFTER {
+            self.checkpoint(&mut store, true)?;
+        }
+        Ok(())
+    }
+
+    /// Punches freed blocks and makes them reusable. IMPORTANT: only after the transaction
+    /// that freed them is durable; punch before release so no new data gets punched.
+    fn release(&self, frees: &[u64]) {
+        if frees.is_empty() {
+            return;
+        }
+        punch_runs(&self.data, frees);
+        let _g = self.gate.write();
+        self.live.write().st.space.release(frees);
+    }
+
+    /// Writes the whole state as a new checkpoint. Holds `live` exclusively so the state it
+    /// writes has no half-installed write.
+    pub(crate) fn checkpoint(&self, store: &mut Store, needs_check: bool) -> Result<()> {
+        let frees = {
+            let mut live = self.live.write();
+            self.data
+                .sync()
+                .map_err(|e| Error::io("flushing pool data", e))?;
+            let body = live.st.to_checkpoint().encode(self.geo.chunk_blocks);
+            let flags = if needs_check {
+                store.sb.flags | FLAG_NEEDS_CHECK
+            } else {
+                store.sb.flags & !FLAG_NEEDS_CHECK
+            };
+            store.write_checkpoint(&body, flags)?;
+            live.records.clear();
+            live.st.space.take_pending()
+        };
+        self.stats.bump_checkpoint();
+        self.release(&frees);
+        Ok(())
+    }
+
+    pub(crate) fn close(&self) -> Result<()> {
+        if self.closed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.check_writable()?;
+        self.commit()?;
+        let mut store = self.store.lock();
+        self.checkpoint(&mut store, false)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!("closing the pool: {e}; the next open recovers from the journal");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Storage backends: the only place hpmapper touches a file descriptor for pool data or
+//! metadata.
+//!
+//! This crate owns the [`Backend`] trait and its implementations for regular files, block
+//! devices and memory, and [`Checked`], the wrapper that makes a failed write or sync sticky.
+//! It must never interpret what it stores: layouts belong to `hpm-format`, policy to
+//! `hpm-engine`.
+
+mod checked;
+mod file;
+mod memory;
+
+pub use checked::Checked;
+pub use file::FileBackend;
+pub use memory::MemBackend;
+
+use std::io;
+
+/// A byte-addressed store with the durability contract of a disk.
+///
+/// A completed `write_at` is visible to every later `read_at`; it is durable only after a
+/// later `sync` returns `Ok`. Implementations must be safe to call from many threads at once.
+pub trait Backend: Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset`. Bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the store if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Frees the byte range; it reads as zeros afterwards. Never changes the length.
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Sets the length (truncates or extends with zeros). Durable after `sync`.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Whether the store is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Bytes the store really occupies (allocated blocks of a sparse file), if known.
+    fn allocated_bytes(&self) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
+}
+
+impl<T: Backend + ?Sized> Backend for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn allocated_bytes(&self) -> io::Result<Option<u64>> {
+        (**self).allocated_bytes()
+    }
+}
+
+impl<T: Backend + ?Sized> Backend for Box<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn allocated_bytes(&self) -> io::Result<Option<u64>> {
+        (**self).allocated_bytes()
+    }
+}
