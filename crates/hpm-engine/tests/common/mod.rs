@@ -1,0 +1,87 @@
+//! Shared helpers for the engine's integration tests: pools on memory, crash and fault
+//! backends, and comparison with the reference model.
+#![allow(dead_code, missing_docs)]
+
+use hpm_engine::{Pool, PoolOptions, PoolStorage};
+use hpm_io::{Backend, MemBackend};
+use hpm_testkit::model::Model;
+use std::sync::Arc;
+
+pub const B: u64 = 4096;
+
+/// The four stores of a pool, kept so the pool can be reopened on them.
+#[derive(Clone)]
+pub struct Disks {
+    pub sb: Arc<dyn Backend>,
+    pub meta: [Arc<dyn Backend>; 2],
+    pub data: Arc<dyn Backend>,
+}
+
+impl Disks {
+    pub fn mem() -> Self {
+        Disks {
+            sb: Arc::new(MemBackend::new()),
+            meta: [Arc::new(MemBackend::new()), Arc::new(MemBackend::new())],
+            data: Arc::new(MemBackend::new()),
+        }
+    }
+
+    pub fn storage(&self) -> PoolStorage {
+        PoolStorage {
+            superblock: Box::new(self.sb.clone()),
+            meta: [Box::new(self.meta[0].clone()), Box::new(self.meta[1].clone())],
+            data: Box::new(self.data.clone()),
+        }
+    }
+
+    pub fn create(&self, opts: &PoolOptions, capacity: u64) -> Pool {
+        Pool::create_on(self.storage(), opts, capacity, String::new(), None).expect("create pool")
+    }
+
+    pub fn open(&self) -> hpm_engine::Result<Pool> {
+        Pool::open_on(self.storage(), None)
+    }
+}
+
+pub fn small_opts() -> PoolOptions {
+    PoolOptions { chunk_size: 64 << 10, ..Default::default() }
+}
+
+/// Reads a whole device from the engine.
+pub fn read_all(pool: &Pool, name: &str) -> Vec<u8> {
+    let d = pool.open_device(name).expect("open device");
+    let mut buf = vec![0u8; d.size() as usize];
+    d.read_at(&mut buf, 0).expect("read device");
+    buf
+}
+
+/// Asserts the engine's device set and every device's bytes equal the model's.
+pub fn assert_same(pool: &Pool, model: &Model, step: &str) {
+    let names: Vec<String> = pool.list_devices().into_iter().map(|d| d.name).collect();
+    assert_eq!(names, model.names(), "device set after {step}");
+    for n in &names {
+        assert_same_device(pool, model, n, step);
+    }
+}
+
+pub fn assert_same_device(pool: &Pool, model: &Model, name: &str, step: &str) {
+    let got = read_all(pool, name);
+    let want = model.read(name, 0, model.size(name).unwrap() as usize).unwrap();
+    if got != want {
+        let i = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+        panic!("device {name:?} differs from the model at byte {i} (block {}) after {step}", i as u64 / B);
+    }
+}
+
+/// Checks the engine against the model's crash rules and adopts what the engine has.
+pub fn verify_crash(pool: &Pool, model: &mut Model, step: &str) {
+    let names: Vec<String> = pool.list_devices().into_iter().map(|d| d.name).collect();
+    assert_eq!(names, model.names(), "device set after crash at {step}");
+    let contents: std::collections::HashMap<String, Vec<u8>> =
+        names.iter().map(|n| (n.clone(), read_all(pool, n))).collect();
+    let block = |n: &str, b: u64| contents[n][(b * B) as usize..((b + 1) * B) as usize].to_vec();
+    if let Err(e) = model.verify_after_crash(block) {
+        panic!("after crash at {step}: {e}");
+    }
+    model.settle(block);
+}
