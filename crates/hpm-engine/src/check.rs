@@ -86,8 +86,9 @@ pub fn check_storage(storage: PoolStorage) -> Result<CheckReport> {
                     .push(format!("journal batch {seq}, record {k} ({r:?}): {e}"));
             }
         }
-        let pending = st.space.take_pending();
+        let (pending, txn) = st.space.take_pending();
         st.space.release(&pending);
+        st.space.settle(txn);
     }
     if let Some(why) = &loaded.scan.stopped {
         report

@@ -280,7 +280,7 @@ impl Device {
                 .map(|b| {
                     d.map
                         .lookup(b, cb)
-                        .filter(|&p| live.st.space.refs(p) == 1)
+                        .filter(|&p| live.st.space.owned(p))
                         .map(|p| Op {
                             vblock: b,
                             pblock: p,
@@ -340,7 +340,7 @@ impl Device {
         let chunk_copy = inner.cow == crate::CowGranularity::Chunk
             && entry.as_ref().is_some_and(|e| {
                 let mut shared = false;
-                e.for_each(cb, |_, p| shared |= st.space.refs(p) > 1);
+                e.for_each(cb, |_, p| shared |= !st.space.owned(p));
                 shared
             });
         let stats = &inner.stats;
@@ -393,7 +393,7 @@ impl Device {
         let current: Vec<Option<u64>> = (first..=last).map(|b| d.map.lookup(b, cb)).collect();
         for (b, cur) in (first..=last).zip(current) {
             match cur {
-                Some(p) if st.space.refs(p) == 1 => ops.push(Op {
+                Some(p) if st.space.owned(p) => ops.push(Op {
                     vblock: b,
                     pblock: p,
                     kind: Kind::InPlace,
@@ -459,30 +459,24 @@ impl Device {
                     }
                     k = j;
                 }
-                Kind::InPlace => {
-                    // Part of an owned block: write just those bytes.
-                    let (s, e) = (off.max(bs), end.min(be));
-                    inner
-                        .data
-                        .write_at(
-                            &data[(s - off) as usize..(e - off) as usize],
-                            op.pblock * B + (s - bs),
-                        )
-                        .map_err(werr)?;
-                    st.add(&BACKEND_WRITES, 1);
-                    st.add(&BACKEND_WRITE_BYTES, e - s);
-                    st.add(&IN_PLACE_BLOCKS, 1);
-                    k += 1;
-                }
-                Kind::New { old } => {
-                    // Part of a new block: the rest comes from the block it replaces, or zeros.
+                Kind::InPlace | Kind::New { .. } => {
+                    // Part of a block: always written whole (read-modify-write), so that a
+                    // torn or reordered write-back leaves some complete version of the block.
+                    // The rest comes from the block itself, the block it replaces, or zeros.
                     let mut blk = vec![0u8; B as usize];
-                    if let Some(o) = old {
+                    let from = match op.kind {
+                        Kind::InPlace => Some(op.pblock),
+                        Kind::New { old } => old,
+                        Kind::Copy { .. } => unreachable!("handled above"),
+                    };
+                    if let Some(o) = from {
                         inner
                             .data
                             .read_at(&mut blk, o * B)
                             .map_err(|e| Error::io("reading a block to copy", e))?;
-                        st.add(&COW_COPIED_BYTES, B);
+                        if !matches!(op.kind, Kind::InPlace) {
+                            st.add(&COW_COPIED_BYTES, B);
+                        }
                         st.add(&BACKEND_READ_BYTES, B);
                     }
                     let (s, e) = (off.max(bs), end.min(be));

@@ -389,8 +389,9 @@ impl Pool {
                 })?;
             }
             // Each batch was durable before the next began, so its frees were reusable then.
-            let pending = st.space.take_pending();
+            let (pending, txn) = st.space.take_pending();
             st.space.release(&pending);
+            st.space.settle(txn);
             freed.extend(pending);
         }
         let data = Checked::new(storage.data);
@@ -694,7 +695,7 @@ impl Inner {
     /// The commit protocol: data sync, then the journal batch, then frees become reusable.
     pub(crate) fn commit(&self) -> Result<()> {
         let mut store = self.store.lock();
-        let (records, frees) = {
+        let (records, (frees, txn)) = {
             let mut live = self.live.write();
             (
                 std::mem::take(&mut live.records),
@@ -707,7 +708,7 @@ impl Inner {
             .map_err(|e| Error::io("flushing pool data", e))?;
         store.append(&records)?;
         self.stats.bump_commit();
-        self.release(&frees);
+        self.release(&frees, txn);
         if store.journal_bytes() > CHECKPOINT_AFTER {
             self.checkpoint(&mut store, true)?;
         }
@@ -716,19 +717,22 @@ impl Inner {
 
     /// Punches freed blocks and makes them reusable. IMPORTANT: only after the transaction
     /// that freed them is durable; punch before release so no new data gets punched.
-    fn release(&self, frees: &[u64]) {
+    fn release(&self, frees: &[u64], txn: u64) {
         if frees.is_empty() {
+            self.live.write().st.space.settle(txn);
             return;
         }
         punch_runs(&self.data, frees);
         let _g = self.gate.write();
-        self.live.write().st.space.release(frees);
+        let mut live = self.live.write();
+        live.st.space.release(frees);
+        live.st.space.settle(txn);
     }
 
     /// Writes the whole state as a new checkpoint. Holds `live` exclusively so the state it
     /// writes has no half-installed write.
     pub(crate) fn checkpoint(&self, store: &mut Store, needs_check: bool) -> Result<()> {
-        let frees = {
+        let (frees, txn) = {
             let mut live = self.live.write();
             self.data
                 .sync()
@@ -744,7 +748,7 @@ impl Inner {
             live.st.space.take_pending()
         };
         self.stats.bump_checkpoint();
-        self.release(&frees);
+        self.release(&frees, txn);
         Ok(())
     }
 

@@ -39,6 +39,10 @@ pub(crate) struct Space {
     targets: HashMap<(u32, u64), u32>,
     used_blocks: u64,
     pending: Vec<u64>,
+    /// Blocks that lost a sharer in the transaction not yet durable, with that transaction.
+    /// The durable state may still share them, so they must not be overwritten in place.
+    unsettled: HashMap<u64, u64>,
+    txn: u64,
     scan_cursor: usize,
 }
 
@@ -52,6 +56,8 @@ impl Space {
             targets: HashMap::new(),
             used_blocks: 0,
             pending: Vec::new(),
+            unsettled: HashMap::new(),
+            txn: 0,
             scan_cursor: 0,
         }
     }
@@ -79,6 +85,12 @@ impl Space {
             Some(r) if r[i] != PENDING => r[i],
             _ => 0,
         }
+    }
+
+    /// Whether the device holding `p` may overwrite it in place: its only reference, also in
+    /// the durable state (no sharer dropped it in a transaction not yet durable).
+    pub(crate) fn owned(&self, p: u64) -> bool {
+        self.refs(p) == 1 && !self.unsettled.contains_key(&p)
     }
 
     /// Whether `p` was freed by a transaction that is not durable yet.
@@ -130,6 +142,9 @@ impl Space {
             .expect("dec of an unreferenced block");
         assert!(refs[i] != 0 && refs[i] != PENDING, "dec of free block {p}");
         refs[i] -= 1;
+        if refs[i] > 0 {
+            self.unsettled.insert(p, self.txn);
+        }
         if refs[i] == 0 {
             refs[i] = PENDING;
             self.used_blocks -= 1;
@@ -230,9 +245,19 @@ impl Space {
         }
     }
 
-    /// Takes the blocks freed since the last call; they stay unusable until `release`.
-    pub(crate) fn take_pending(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.pending)
+    /// Ends the current transaction: takes the blocks it freed, which stay unusable until
+    /// `release`, and returns its number for `settle`.
+    pub(crate) fn take_pending(&mut self) -> (Vec<u64>, u64) {
+        let t = self.txn;
+        self.txn += 1;
+        (std::mem::take(&mut self.pending), t)
+    }
+
+    /// Transactions up to `txn` are durable: blocks they unshared may be written in place.
+    pub(crate) fn settle(&mut self, txn: u64) {
+        if !self.unsettled.is_empty() {
+            self.unsettled.retain(|_, t| *t > txn);
+        }
     }
 
     /// Makes blocks from `take_pending` reusable. IMPORTANT: only after the transaction that
@@ -297,7 +322,7 @@ mod tests {
             s.allocate(2, 0, 0, false).is_none(),
             "pending frees are not reusable"
         );
-        let pending = s.take_pending();
+        let (pending, _) = s.take_pending();
         assert_eq!(pending, vec![got[5]]);
         s.release(&pending);
         let (p, how) = s.allocate(2, 0, 0, false).unwrap();
@@ -314,8 +339,15 @@ mod tests {
         assert_eq!(s.refs(p), 2);
         s.dec(p);
         assert_eq!(s.refs(p), 1);
-        assert!(s.take_pending().is_empty());
+        assert!(
+            !s.owned(p),
+            "unshared only in a transaction that is not durable"
+        );
+        let (freed, txn) = s.take_pending();
+        assert!(freed.is_empty());
+        s.settle(txn);
+        assert!(s.owned(p));
         s.dec(p);
-        assert_eq!(s.take_pending(), vec![p]);
+        assert_eq!(s.take_pending().0, vec![p]);
     }
 }

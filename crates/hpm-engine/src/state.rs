@@ -325,9 +325,6 @@ impl State {
             ));
         }
         st.next_id = st.next_id.max(ck.next_device_id);
-        // Frees from loading are not real frees; nothing is pending.
-        let pending = st.space.take_pending();
-        debug_assert!(pending.is_empty());
         st
     }
 
@@ -335,6 +332,8 @@ impl State {
     /// physical chunk nobody else uses keeps taking that chunk's new blocks), and nothing
     /// pending from replayed frees.
     pub(crate) fn finish_load(&mut self) {
+        let (_, txn) = self.space.take_pending();
+        self.space.settle(txn);
         let cb = self.geo.chunk_blocks;
         let mut owners: Vec<(u32, u64, u32)> = Vec::new();
         for d in self.devices.values() {

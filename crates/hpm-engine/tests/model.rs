@@ -56,7 +56,11 @@ fn place(size: u64, frac: u64, len: u64) -> (u64, u64) {
 /// management steps. Returns the pool for further checks.
 fn run(ops: &[Op], cow: CowGranularity, capacity_chunks: u64) {
     let disks = Disks::mem();
-    let opts = PoolOptions { chunk_size: 64 << 10, cow, ..Default::default() };
+    let opts = PoolOptions {
+        chunk_size: 64 << 10,
+        cow,
+        ..Default::default()
+    };
     let mut pool = disks.create(&opts, capacity_chunks * (64 << 10));
     let mut model = Model::new();
     pool.create_device(&name(0), 24 * B).unwrap();
@@ -66,15 +70,28 @@ fn run(ops: &[Op], cow: CowGranularity, capacity_chunks: u64) {
         let what = format!("step {step}: {op:?}");
         // Operations on existing devices pick one of them; creations pick a name.
         let existing = model.names();
-        let pick = |i: usize| existing.get(i % existing.len().max(1)).cloned().unwrap_or_else(|| name(i));
+        let pick = |i: usize| {
+            existing
+                .get(i % existing.len().max(1))
+                .cloned()
+                .unwrap_or_else(|| name(i))
+        };
         match op {
             Op::Create(i, blocks) => {
                 let r = pool.create_device(&name(*i), blocks * B);
-                assert_eq!(r.is_ok(), model.create(&name(*i), blocks * B).is_ok(), "{what}: {r:?}");
+                assert_eq!(
+                    r.is_ok(),
+                    model.create(&name(*i), blocks * B).is_ok(),
+                    "{what}: {r:?}"
+                );
             }
             Op::Snapshot(o, n, ro) => {
                 let r = pool.snapshot(&pick(*o), &name(*n), *ro);
-                assert_eq!(r.is_ok(), model.snapshot(&pick(*o), &name(*n), *ro).is_ok(), "{what}: {r:?}");
+                assert_eq!(
+                    r.is_ok(),
+                    model.snapshot(&pick(*o), &name(*n), *ro).is_ok(),
+                    "{what}: {r:?}"
+                );
                 assert_same(&pool, &model, &what);
             }
             Op::Remove(i) => {
@@ -89,7 +106,9 @@ fn run(ops: &[Op], cow: CowGranularity, capacity_chunks: u64) {
                     assert_same_device(&pool, &model, &pick(*i), &what);
                 }
             }
-            Op::Write(i, frac, len, _) | Op::Discard(i, frac, len) | Op::WriteZeroes(i, frac, len) => {
+            Op::Write(i, frac, len, _)
+            | Op::Discard(i, frac, len)
+            | Op::WriteZeroes(i, frac, len) => {
                 let n = pick(*i);
                 let Ok(size) = model.size(&n) else { continue };
                 let (off, len) = place(size, *frac, *len);
@@ -136,7 +155,12 @@ fn run(ops: &[Op], cow: CowGranularity, capacity_chunks: u64) {
     }
     assert_same(&pool, &model, "the end");
     if std::env::var_os("HPM_TEST_VERBOSE").is_some() {
-        eprintln!("STATS ok_io={} nospace={} devices={}", totals.0, totals.1, model.names().len());
+        eprintln!(
+            "STATS ok_io={} nospace={} devices={}",
+            totals.0,
+            totals.1,
+            model.names().len()
+        );
     }
     // Usage adds up: no leaked and no double-counted blocks.
     let used = pool.info().unwrap().used_bytes;
@@ -189,7 +213,10 @@ fn snapshot_chain_of_depth_64_and_fan_out() {
         pool.snapshot("d64", &n, false).unwrap();
         model.snapshot("d64", &n, false).unwrap();
         let data = pattern(1000 + k, 5000);
-        pool.open_device(&n).unwrap().write_at(&data, k * 7919).unwrap();
+        pool.open_device(&n)
+            .unwrap()
+            .write_at(&data, k * 7919)
+            .unwrap();
         model.write(&n, k * 7919, &data).unwrap();
     }
     assert_same(&pool, &model, "chain and fan-out");

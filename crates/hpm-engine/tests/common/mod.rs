@@ -29,7 +29,10 @@ impl Disks {
     pub fn storage(&self) -> PoolStorage {
         PoolStorage {
             superblock: Box::new(self.sb.clone()),
-            meta: [Box::new(self.meta[0].clone()), Box::new(self.meta[1].clone())],
+            meta: [
+                Box::new(self.meta[0].clone()),
+                Box::new(self.meta[1].clone()),
+            ],
             data: Box::new(self.data.clone()),
         }
     }
@@ -44,7 +47,10 @@ impl Disks {
 }
 
 pub fn small_opts() -> PoolOptions {
-    PoolOptions { chunk_size: 64 << 10, ..Default::default() }
+    PoolOptions {
+        chunk_size: 64 << 10,
+        ..Default::default()
+    }
 }
 
 /// Reads a whole device from the engine.
@@ -66,10 +72,15 @@ pub fn assert_same(pool: &Pool, model: &Model, step: &str) {
 
 pub fn assert_same_device(pool: &Pool, model: &Model, name: &str, step: &str) {
     let got = read_all(pool, name);
-    let want = model.read(name, 0, model.size(name).unwrap() as usize).unwrap();
+    let want = model
+        .read(name, 0, model.size(name).unwrap() as usize)
+        .unwrap();
     if got != want {
         let i = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
-        panic!("device {name:?} differs from the model at byte {i} (block {}) after {step}", i as u64 / B);
+        panic!(
+            "device {name:?} differs from the model at byte {i} (block {}) after {step}",
+            i as u64 / B
+        );
     }
 }
 
@@ -77,10 +88,33 @@ pub fn assert_same_device(pool: &Pool, model: &Model, name: &str, step: &str) {
 pub fn verify_crash(pool: &Pool, model: &mut Model, step: &str) {
     let names: Vec<String> = pool.list_devices().into_iter().map(|d| d.name).collect();
     assert_eq!(names, model.names(), "device set after crash at {step}");
-    let contents: std::collections::HashMap<String, Vec<u8>> =
-        names.iter().map(|n| (n.clone(), read_all(pool, n))).collect();
+    let contents: std::collections::HashMap<String, Vec<u8>> = names
+        .iter()
+        .map(|n| (n.clone(), read_all(pool, n)))
+        .collect();
     let block = |n: &str, b: u64| contents[n][(b * B) as usize..((b + 1) * B) as usize].to_vec();
     if let Err(e) = model.verify_after_crash(block) {
+        if std::env::var_os("HPM_CRASH_TRACE").is_some() {
+            for n in &names {
+                for b in 0..model.blocks(n).unwrap() {
+                    let got = block(n, b);
+                    let allowed = model.allowed_after_crash(n, b).unwrap();
+                    if allowed.iter().any(|a| a[..] == got[..]) {
+                        continue;
+                    }
+                    let sectors: Vec<String> = (0..8)
+                        .map(|s| {
+                            let r = s * 512..(s + 1) * 512;
+                            let m: Vec<usize> = (0..allowed.len())
+                                .filter(|&k| allowed[k][r.clone()] == got[r.clone()])
+                                .collect();
+                            format!("{m:?}")
+                        })
+                        .collect();
+                    eprintln!("{n} block {b}: sectors match candidates {sectors:?}");
+                }
+            }
+        }
         panic!("after crash at {step}: {e}");
     }
     model.settle(block);
