@@ -90,10 +90,13 @@ pub fn check_storage(storage: PoolStorage) -> Result<CheckReport> {
         st.space.release(&pending);
         st.space.settle(txn);
     }
-    if let Some(why) = &loaded.scan.stopped {
-        report
-            .notes
-            .push(format!("journal tail cut off at open: {why}"));
+    match (&loaded.scan.stopped, loaded.scan.later_batch_at) {
+        (Some(why), Some(at)) => report.problems.push(format!(
+            "meta.{} journal: {why}, yet a later batch is intact at journal offset {at}: damage, not a torn tail",
+            store.sb.active_meta
+        )),
+        (Some(why), None) => report.notes.push(format!("journal tail cut off at open: {why}")),
+        _ => {}
     }
     match storage.data.len() {
         Ok(len) if len < geo.capacity_blocks * BLOCK_SIZE => report.problems.push(format!(

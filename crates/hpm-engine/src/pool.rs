@@ -370,6 +370,15 @@ impl Pool {
             chunk_blocks: store.sb.chunk_blocks,
             capacity_blocks: store.sb.capacity_blocks,
         };
+        if let (Some(why), Some(at)) = (&loaded.scan.stopped, loaded.scan.later_batch_at) {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "meta.{} journal is damaged in the middle ({why}; a later batch is intact at journal offset {at}); run `hpmapper check`",
+                    store.sb.active_meta
+                ),
+            ));
+        }
         let mut problems = Vec::new();
         let mut st = State::from_checkpoint(geo, &loaded.checkpoint, &mut problems);
         if let Some(p) = problems.first() {

@@ -203,19 +203,18 @@ impl Store {
     /// Appends one batch and makes it durable. IMPORTANT: the caller has synced the data
     /// every record points to.
     pub(crate) fn append(&mut self, records: &[Record]) -> crate::Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
         let dev = &self.meta[self.sb.active_meta as usize];
-        // Batches stay well below the 256 MiB limit: split very large transactions.
+        // Batches stay well below the 256 MiB limit: a very large transaction is split, and
+        // each part is synced before the next is written, so a torn part is always the last.
         for part in records.chunks(1 << 20) {
             let b = encode_batch(self.sb.meta_gen, self.next_seq, part);
             dev.write_at(&b, self.journal_pos)
                 .map_err(|e| io_err("appending to the journal", e))?;
+            dev.sync().map_err(|e| io_err("syncing the journal", e))?;
             self.journal_pos += b.len() as u64;
             self.next_seq += 1;
         }
-        dev.sync().map_err(|e| io_err("syncing the journal", e))
+        Ok(())
     }
 
     /// Bytes in the live journal.

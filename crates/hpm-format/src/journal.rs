@@ -201,6 +201,9 @@ pub struct BatchScan {
     pub valid_len: u64,
     /// Why scanning stopped before the end of the region, if it did (a torn tail or damage).
     pub stopped: Option<String>,
+    /// A whole batch of this generation with a later sequence number lies after the point
+    /// where scanning stopped: the stop is damage in the middle, not a torn tail.
+    pub later_batch_at: Option<u64>,
 }
 
 /// Scans `region` (the bytes after the checkpoint) for whole batches of generation `gen`
@@ -229,11 +232,30 @@ pub fn decode_batches(region: &[u8], gen: u64) -> BatchScan {
             }
             Err(why) => {
                 scan.stopped = Some(format!("batch {next_seq} at journal offset {pos}: {why}"));
+                scan.later_batch_at = find_later(region, pos + 1, gen, next_seq);
                 break;
             }
         }
     }
     scan
+}
+
+/// The offset of a whole batch of `gen` numbered above `seq`, searching from `from`.
+fn find_later(region: &[u8], from: usize, gen: u64, seq: u64) -> Option<u64> {
+    let magic = BATCH_MAGIC.to_le_bytes();
+    let mut pos = from;
+    while pos + BATCH_OVERHEAD <= region.len() {
+        let at = pos + region[pos..].windows(4).position(|w| w == magic)?;
+        let rest = &region[at..];
+        if rest.len() >= HEADER {
+            let s = u64::from_le_bytes(rest[16..24].try_into().expect("8 bytes"));
+            if s > seq && decode_one(rest, gen, s).is_ok() {
+                return Some(at as u64);
+            }
+        }
+        pos = at + 1;
+    }
+    None
 }
 
 fn decode_one(buf: &[u8], gen: u64, seq: u64) -> Result<(Vec<Record>, usize), String> {
@@ -343,12 +365,18 @@ mod tests {
             assert_eq!(scan.batches.len(), 1, "cut {cut}");
             assert_eq!(scan.valid_len, one.len() as u64);
         }
-        // Every single bit flip in the first batch is caught.
+        // Every single bit flip in the first batch is caught, and told apart from a torn
+        // tail because the second batch is intact.
         for i in 0..one.len() {
             let mut bad = one.clone();
             bad[i] ^= 0x10;
-            assert!(decode_batches(&bad, 3).batches.is_empty(), "flip at {i}");
+            bad.extend_from_slice(&two);
+            let scan = decode_batches(&bad, 3);
+            assert!(scan.batches.is_empty(), "flip at {i}");
+            assert_eq!(scan.later_batch_at, Some(one.len() as u64), "flip at {i}");
         }
+        let torn = decode_batches(&[&one[..], &two[..10]].concat(), 3);
+        assert_eq!(torn.later_batch_at, None);
         assert!(decode_batches(&one, 4).batches.is_empty());
         assert!(decode_batches(&two, 3).batches.is_empty());
     }
