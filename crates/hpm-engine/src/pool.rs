@@ -138,7 +138,21 @@ pub struct PoolInfo {
     pub entries: (u64, u64),
 }
 
+/// Locks the pool in `dir`, which must hold one (no lock file is left in other directories).
 pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
+    if !dir.join("superblock").exists() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "{} is not an hpmapper pool (no superblock); create one with `hpmapper pool create`",
+                dir.display()
+            ),
+        ));
+    }
+    lock_file(dir)
+}
+
+fn lock_file(dir: &Path) -> Result<File> {
     let path = dir.join("lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -211,9 +225,10 @@ pub(crate) fn open_files(dir: &Path, read_only: bool) -> Result<PoolStorage> {
 impl Pool {
     /// Creates a pool in `dir` (created if missing; must hold no pool) and opens it.
     pub fn create(dir: &Path, opts: &PoolOptions) -> Result<Pool> {
+        chunk_blocks_of(opts.chunk_size)?;
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let lock = lock_dir(dir)?;
+        let lock = lock_file(dir)?;
         for name in ["superblock", "meta.0", "meta.1"] {
             if dir.join(name).exists() {
                 return Err(Error::new(
@@ -222,11 +237,28 @@ impl Pool {
                 ));
             }
         }
-        let new = |name: &str| -> Result<Box<dyn Backend>> {
-            let p = dir.join(name);
-            Ok(Box::new(FileBackend::create_new(&p).map_err(|e| {
-                Error::io(format!("creating {}", p.display()), e)
-            })?))
+        // Everything this creates is removed again if creation fails, so it can be retried.
+        let mut created: Vec<PathBuf> = Vec::new();
+        let result = Self::create_files(dir, opts, lock, &mut created);
+        if result.is_err() {
+            for p in created.iter().rev() {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        result
+    }
+
+    fn create_files(
+        dir: &Path,
+        opts: &PoolOptions,
+        lock: File,
+        created: &mut Vec<PathBuf>,
+    ) -> Result<Pool> {
+        let mut new = |p: PathBuf| -> Result<Box<dyn Backend>> {
+            let b = FileBackend::create_new(&p)
+                .map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
+            created.push(p);
+            Ok(Box::new(b))
         };
         let (data, data_path): (Box<dyn Backend>, String) = match &opts.data {
             Some(p) if p.exists() => {
@@ -234,12 +266,8 @@ impl Pool {
                     .map_err(|e| Error::io(format!("opening data store {}", p.display()), e))?;
                 (Box::new(b), p.to_string_lossy().into_owned())
             }
-            Some(p) => {
-                let b = FileBackend::create_new(p)
-                    .map_err(|e| Error::io(format!("creating data store {}", p.display()), e))?;
-                (Box::new(b), p.to_string_lossy().into_owned())
-            }
-            None => (new("data")?, String::new()),
+            Some(p) => (new(p.clone())?, p.to_string_lossy().into_owned()),
+            None => (new(dir.join("data"))?, String::new()),
         };
         let capacity = match opts.capacity {
             Some(c) => c,
@@ -257,8 +285,8 @@ impl Pool {
             }
         };
         let storage = PoolStorage {
-            superblock: new("superblock")?,
-            meta: [new("meta.0")?, new("meta.1")?],
+            superblock: new(dir.join("superblock"))?,
+            meta: [new(dir.join("meta.0"))?, new(dir.join("meta.1"))?],
             data,
         };
         let pool = Self::create_on(storage, opts, capacity, data_path, Some(lock))?;
@@ -275,16 +303,7 @@ impl Pool {
         lock: Option<File>,
     ) -> Result<Pool> {
         let cs = opts.chunk_size;
-        let chunk_blocks = cs / BLOCK_SIZE;
-        if !cs.is_multiple_of(BLOCK_SIZE)
-            || !chunk_blocks.is_power_of_two()
-            || !(u64::from(MIN_CHUNK_BLOCKS)..=u64::from(MAX_CHUNK_BLOCKS)).contains(&chunk_blocks)
-        {
-            return Err(Error::new(
-                ErrorKind::Invalid,
-                format!("chunk size {cs} must be a power of two from 64K to 4M"),
-            ));
-        }
+        let chunk_blocks = chunk_blocks_of(cs)?;
         let capacity_blocks = capacity / cs * chunk_blocks;
         if capacity_blocks == 0 {
             return Err(Error::new(
@@ -653,6 +672,21 @@ impl Pool {
         }
         self.inner.commit()
     }
+}
+
+/// Blocks per chunk for a chunk size in bytes, or why the size is not allowed.
+fn chunk_blocks_of(cs: u64) -> Result<u64> {
+    let chunk_blocks = cs / BLOCK_SIZE;
+    if !cs.is_multiple_of(BLOCK_SIZE)
+        || !chunk_blocks.is_power_of_two()
+        || !(u64::from(MIN_CHUNK_BLOCKS)..=u64::from(MAX_CHUNK_BLOCKS)).contains(&chunk_blocks)
+    {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!("chunk size {cs} must be a power of two from 64K to 4M"),
+        ));
+    }
+    Ok(chunk_blocks)
 }
 
 pub(crate) fn not_found(name: &str) -> Error {

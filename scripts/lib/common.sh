@@ -1,0 +1,32 @@
+# Shared by scripts/demo, scripts/test and scripts/bench/*: toolchain on PATH, system packages.
+# shellcheck shell=bash
+
+export PATH="$HOME/.cargo/bin:/usr/local/cargo/bin:$PATH"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export ROOT
+
+say() { printf '\n== %s\n' "$*"; }
+
+# ensure_packages CMD:PKG ...: installs the Debian package PKG when command CMD is missing.
+ensure_packages() {
+    local missing=() pair
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing packages: ${missing[*]}; run as root or install them" >&2
+        return 1
+    fi
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+ensure_rust() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "cargo not found: install Rust 1.95 (rustup) first" >&2
+        return 1
+    fi
+}
