@@ -155,7 +155,8 @@ impl Device {
         u64::from(self.inner.geo.chunk_blocks) * B
     }
 
-    /// Reads `buf.len()` bytes at `off`. Unmapped blocks read as zeros without backend I/O.
+    /// Reads `buf.len()` bytes at `off`. Unmapped blocks read as zeros without backend I/O;
+    /// mapped ones go through the pool's block cache (when on).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         let inner = &*self.inner;
         if buf.is_empty() {
@@ -163,10 +164,13 @@ impl Device {
         }
         let len = buf.len() as u64;
         let cb = inner.geo.chunk_blocks;
+        let (first, last) = (off / B, (off + len - 1) / B);
         // Held across the data I/O: the blocks planned cannot be reused until it is dropped.
         let _gate = inner.gate.read();
-        // (buffer start, length, physical byte offset or None for zeros)
-        let mut runs: Vec<(usize, usize, Option<u64>)> = Vec::new();
+        // Runs of blocks: (first block, count, first physical block or None for zeros), and
+        // how many devices share each block (an eviction hint for the cache).
+        let mut runs: Vec<(u64, u64, Option<u64>)> = Vec::new();
+        let mut sharers: Vec<u32> = Vec::with_capacity((last - first + 1) as usize);
         {
             let live = inner.live.read();
             let d = live
@@ -177,41 +181,87 @@ impl Device {
             if off.checked_add(len).is_none_or(|e| e > d.size) {
                 return Err(self.range_error(off, len, d.size));
             }
-            for b in off / B..=(off + len - 1) / B {
-                let (s, e) = (off.max(b * B), (off + len).min((b + 1) * B));
-                let phys = d.map.lookup(b, cb).map(|p| p * B + (s - b * B));
-                let (bs, bl) = ((s - off) as usize, (e - s) as usize);
+            for b in first..=last {
+                let p = d.map.lookup(b, cb);
+                sharers.push(p.map_or(0, |p| live.st.space.refs(p)));
                 match runs.last_mut() {
-                    Some((_, l, Some(pp))) if phys.is_some_and(|p| *pp + *l as u64 == p) => {
-                        *l += bl
-                    }
-                    Some((_, l, None)) if phys.is_none() => *l += bl,
-                    _ => runs.push((bs, bl, phys)),
+                    Some((s, n, Some(p0))) if p == Some(*p0 + *n) && *s + *n == b => *n += 1,
+                    Some((s, n, None)) if p.is_none() && *s + *n == b => *n += 1,
+                    _ => runs.push((b, 1, p)),
                 }
             }
         }
         let st = &inner.stats;
         st.add(&READS, 1);
         st.add(&READ_BYTES, len);
-        for (s, l, phys) in runs {
-            let dst = &mut buf[s..s + l];
-            match phys {
-                None => {
+        let cache = inner.cache.enabled().then_some(&inner.cache);
+        let err = |e| Error::io(format!("reading device {:?} at byte {off}", self.name), e);
+        for (b0, n, p0) in runs {
+            let (s, e) = (off.max(b0 * B), (off + len).min((b0 + n) * B));
+            let dst = &mut buf[(s - off) as usize..(e - off) as usize];
+            match (p0, cache) {
+                (None, _) => {
                     dst.fill(0);
-                    st.add(&ZERO_BLOCKS_READ, (l as u64).div_ceil(B));
+                    st.add(&ZERO_BLOCKS_READ, n);
                 }
-                Some(p) => {
-                    inner.data.read_at(dst, p).map_err(|e| {
-                        Error::io(
-                            format!("reading device {:?} at byte {}", self.name, off + s as u64),
-                            e,
-                        )
-                    })?;
+                (Some(p0), None) => {
+                    inner
+                        .data
+                        .read_at(dst, p0 * B + (s - b0 * B))
+                        .map_err(err)?;
                     st.add(&BACKEND_READS, 1);
-                    st.add(&BACKEND_READ_BYTES, l as u64);
+                    st.add(&BACKEND_READ_BYTES, dst.len() as u64);
+                }
+                (Some(p0), Some(cache)) => {
+                    let hint = &sharers[(b0 - first) as usize..(b0 - first + n) as usize];
+                    let aligned = s == b0 * B && e == (b0 + n) * B;
+                    let read = if aligned {
+                        cache.read(self.id, p0, dst, hint, &inner.data)
+                    } else {
+                        let mut tmp = vec![0u8; (n * B) as usize];
+                        let r = cache.read(self.id, p0, &mut tmp, hint, &inner.data);
+                        let from = (s - b0 * B) as usize;
+                        dst.copy_from_slice(&tmp[from..from + dst.len()]);
+                        r
+                    };
+                    let bytes = read.map_err(err)?;
+                    if bytes > 0 {
+                        st.add(&BACKEND_READS, 1);
+                        st.add(&BACKEND_READ_BYTES, bytes);
+                    }
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Reads one whole physical block (for copy-on-write and read-modify-write).
+    fn read_block(&self, p: u64, blk: &mut [u8]) -> Result<()> {
+        let inner = &*self.inner;
+        let r = if inner.cache.enabled() {
+            inner
+                .cache
+                .read(self.id, p, blk, &[2], &inner.data)
+                .map(|_| ())
+        } else {
+            inner.data.read_at(blk, p * B)
+        };
+        r.map_err(|e| Error::io("reading a block to copy", e))
+    }
+
+    /// Writes whole blocks at physical block `p` and keeps the cache in step.
+    fn put_blocks(&self, p: u64, data: &[u8], off: u64) -> Result<()> {
+        let inner = &*self.inner;
+        inner
+            .data
+            .write_at(data, p * B)
+            .map_err(|e| Error::io(format!("writing device {:?} near byte {off}", self.name), e))?;
+        if inner.cache.enabled() {
+            inner.cache.written(self.id, p, data);
+        }
+        let st = &inner.stats;
+        st.add(&BACKEND_WRITES, 1);
+        st.add(&BACKEND_WRITE_BYTES, data.len() as u64);
         Ok(())
     }
 
@@ -416,10 +466,8 @@ impl Device {
 
     /// The data I/O of a planned write; `data` starts at byte `off` of the device.
     fn write_ops(&self, ops: &[Op], data: &[u8], off: u64) -> Result<()> {
-        let inner = &*self.inner;
-        let st = &inner.stats;
+        let st = &self.inner.stats;
         let end = off + data.len() as u64;
-        let werr = |e| Error::io(format!("writing device {:?} near byte {off}", self.name), e);
         let mut k = 0;
         while k < ops.len() {
             let op = ops[k];
@@ -428,14 +476,9 @@ impl Device {
             match op.kind {
                 Kind::Copy { old } => {
                     let mut blk = vec![0u8; B as usize];
-                    inner
-                        .data
-                        .read_at(&mut blk, old * B)
-                        .map_err(|e| Error::io("reading a block to copy", e))?;
-                    inner.data.write_at(&blk, op.pblock * B).map_err(werr)?;
+                    self.read_block(old, &mut blk)?;
+                    self.put_blocks(op.pblock, &blk, off)?;
                     st.add(&COW_COPIED_BYTES, B);
-                    st.add(&BACKEND_WRITE_BYTES, B);
-                    st.add(&BACKEND_WRITES, 1);
                     k += 1;
                 }
                 _ if full => {
@@ -451,9 +494,7 @@ impl Device {
                     }
                     let src =
                         &data[(bs - off) as usize..((ops[j - 1].vblock + 1) * B - off) as usize];
-                    inner.data.write_at(src, op.pblock * B).map_err(werr)?;
-                    st.add(&BACKEND_WRITES, 1);
-                    st.add(&BACKEND_WRITE_BYTES, src.len() as u64);
+                    self.put_blocks(op.pblock, src, off)?;
                     for o in &ops[k..j] {
                         self.count(o.kind);
                     }
@@ -470,21 +511,15 @@ impl Device {
                         Kind::Copy { .. } => unreachable!("handled above"),
                     };
                     if let Some(o) = from {
-                        inner
-                            .data
-                            .read_at(&mut blk, o * B)
-                            .map_err(|e| Error::io("reading a block to copy", e))?;
+                        self.read_block(o, &mut blk)?;
                         if !matches!(op.kind, Kind::InPlace) {
                             st.add(&COW_COPIED_BYTES, B);
                         }
-                        st.add(&BACKEND_READ_BYTES, B);
                     }
                     let (s, e) = (off.max(bs), end.min(be));
                     blk[(s - bs) as usize..(e - bs) as usize]
                         .copy_from_slice(&data[(s - off) as usize..(e - off) as usize]);
-                    inner.data.write_at(&blk, op.pblock * B).map_err(werr)?;
-                    st.add(&BACKEND_WRITES, 1);
-                    st.add(&BACKEND_WRITE_BYTES, B);
+                    self.put_blocks(op.pblock, &blk, off)?;
                     self.count(op.kind);
                     k += 1;
                 }

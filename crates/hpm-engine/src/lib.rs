@@ -6,6 +6,7 @@
 //! (byte-addressed I/O) and [`check`]. docs/design.md is the normative description of the
 //! on-disk format and the crash argument.
 
+mod cache;
 mod check;
 mod device;
 mod error;
@@ -16,6 +17,7 @@ mod state;
 mod stats;
 mod store;
 
+pub use cache::{CacheConfig, CacheMode, CachePolicy, CacheStats, DEFAULT_CACHE_SIZE};
 pub use check::{check, check_storage, CheckReport};
 pub use device::Device;
 pub use error::{Error, ErrorKind, Result};

@@ -15,6 +15,7 @@
 //! Order: store -> gate -> stripe -> live. It must never hold `live` across backend I/O,
 //! except at checkpoints, which must see a state with no install in progress.
 
+use crate::cache::{BlockCache, CacheConfig, CacheStats};
 use crate::state::{check_name, DeviceState, Geometry, State};
 use crate::stats::{EngineStats, Stats};
 use crate::store::{Dev, PoolStorage, Store};
@@ -52,11 +53,14 @@ pub struct PoolOptions {
     pub data: Option<PathBuf>,
     /// Copy-on-write granularity.
     pub cow: CowGranularity,
+    /// The block cache of the pool opened by `create` (not stored in the pool).
+    pub cache: CacheConfig,
 }
 
 impl Default for PoolOptions {
     fn default() -> Self {
         Self {
+            cache: CacheConfig::default(),
             chunk_size: 512 << 10,
             capacity: None,
             data: None,
@@ -84,6 +88,7 @@ pub(crate) struct Inner {
     pub stripes: Box<[Mutex<()>]>,
     pub gate: RwLock<()>,
     pub stats: Stats,
+    pub cache: BlockCache,
     pub closed: std::sync::atomic::AtomicBool,
     _lock: Option<File>,
 }
@@ -362,19 +367,33 @@ impl Pool {
             chunk_blocks: chunk_blocks as u32,
             capacity_blocks,
         };
-        Self::start(store, data, State::new(geo), opts.cow, lock)
+        Self::start(store, data, State::new(geo), opts.cow, lock, opts.cache)
     }
 
     /// Opens the pool in `dir` for reading and writing, recovering from a crash if needed.
     /// Fails with `Busy` ("pool is in use") while another process has it open.
     pub fn open(dir: &Path) -> Result<Pool> {
+        Self::open_with(dir, CacheConfig::default())
+    }
+
+    /// `open` with the given block cache.
+    pub fn open_with(dir: &Path, cache: CacheConfig) -> Result<Pool> {
         let lock = lock_dir(dir)?;
         let storage = open_files(dir, false)?;
-        Self::open_on(storage, Some(lock))
+        Self::open_on_with(storage, Some(lock), cache)
     }
 
     /// Opens a pool on the given backends.
     pub fn open_on(storage: PoolStorage, lock: Option<File>) -> Result<Pool> {
+        Self::open_on_with(storage, lock, CacheConfig::default())
+    }
+
+    /// `open_on` with the given block cache.
+    pub fn open_on_with(
+        storage: PoolStorage,
+        lock: Option<File>,
+        cache: CacheConfig,
+    ) -> Result<Pool> {
         let (mut store, loaded) = Store::load(storage.superblock, storage.meta)?;
         if !store.sb.writable_by_this_build() {
             return Err(Error::new(
@@ -455,7 +474,7 @@ impl Pool {
         } else {
             CowGranularity::Block
         };
-        Self::start(store, data, st, cow, lock)
+        Self::start(store, data, st, cow, lock, cache)
     }
 
     fn start(
@@ -464,6 +483,7 @@ impl Pool {
         st: State,
         cow: CowGranularity,
         lock: Option<File>,
+        cache: CacheConfig,
     ) -> Result<Pool> {
         store.set_needs_check(true)?;
         Ok(Pool {
@@ -480,6 +500,7 @@ impl Pool {
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 gate: RwLock::new(()),
                 stats: Stats::default(),
+                cache: BlockCache::new(cache),
                 closed: false.into(),
                 _lock: lock,
             }),
@@ -510,6 +531,16 @@ impl Pool {
     /// Counters since open.
     pub fn stats(&self) -> EngineStats {
         self.inner.stats.snapshot()
+    }
+
+    /// Block cache counters since open.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.cache.stats()
+    }
+
+    /// The block cache's settings.
+    pub fn cache_config(&self) -> CacheConfig {
+        self.inner.cache.config()
     }
 
     fn info_of(&self, st: &State, d: &DeviceState) -> DeviceInfo {
@@ -767,6 +798,7 @@ impl Inner {
         }
         punch_runs(&self.data, frees);
         let _g = self.gate.write();
+        self.cache.invalidate(frees);
         let mut live = self.live.write();
         live.st.space.release(frees);
         live.st.space.settle(txn);

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use hpm_engine::{CowGranularity, ErrorKind, PoolOptions};
+use hpm_engine::{CacheConfig, CacheMode, CowGranularity, ErrorKind, PoolOptions};
 use hpm_testkit::model::Model;
 use hpm_testkit::workload::pattern;
 use proptest::prelude::*;
@@ -55,10 +55,15 @@ fn place(size: u64, frac: u64, len: u64) -> (u64, u64) {
 /// Runs `ops`; compares the touched device after every step and everything after
 /// management steps. Returns the pool for further checks.
 fn run(ops: &[Op], cow: CowGranularity, capacity_chunks: u64) {
+    run_with(ops, cow, capacity_chunks, CacheConfig::default())
+}
+
+fn run_with(ops: &[Op], cow: CowGranularity, capacity_chunks: u64, cache: CacheConfig) {
     let disks = Disks::mem();
     let opts = PoolOptions {
         chunk_size: 64 << 10,
         cow,
+        cache,
         ..Default::default()
     };
     let mut pool = disks.create(&opts, capacity_chunks * (64 << 10));
@@ -146,7 +151,7 @@ fn run(ops: &[Op], cow: CowGranularity, capacity_chunks: u64) {
             }
             Op::Reopen => {
                 pool.close().expect(&what);
-                pool = disks.open().expect(&what);
+                pool = hpm_engine::Pool::open_on_with(disks.storage(), None, cache).expect(&what);
                 assert_same(&pool, &model, &what);
                 let report = hpm_engine::check_storage(disks.storage()).unwrap();
                 assert!(report.is_clean(), "{what}: {:?}", report.problems);
@@ -181,6 +186,25 @@ proptest! {
     #[test]
     fn engine_matches_model_in_a_tiny_pool(ops in prop::collection::vec(op(), 1..60)) {
         run(&ops, CowGranularity::Block, 3);
+    }
+
+    #[test]
+    fn engine_matches_model_with_a_tiny_cache(ops in prop::collection::vec(op(), 1..60)) {
+        // 32 blocks for the whole pool: constant eviction.
+        let cache = CacheConfig { size: 32 * 4096, ..CacheConfig::default() };
+        run_with(&ops, CowGranularity::Block, 64, cache);
+    }
+
+    #[test]
+    fn engine_matches_model_without_cache(ops in prop::collection::vec(op(), 1..60)) {
+        let cache = CacheConfig { mode: CacheMode::Off, ..CacheConfig::default() };
+        run_with(&ops, CowGranularity::Block, 64, cache);
+    }
+
+    #[test]
+    fn engine_matches_model_with_per_device_cache(ops in prop::collection::vec(op(), 1..60)) {
+        let cache = CacheConfig { mode: CacheMode::PerDevice, size: 64 * 4096, ..CacheConfig::default() };
+        run_with(&ops, CowGranularity::Chunk, 64, cache);
     }
 
     #[test]

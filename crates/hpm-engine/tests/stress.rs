@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use hpm_engine::{CacheConfig, CacheMode, PoolOptions};
 use hpm_testkit::model::Model;
 use hpm_testkit::workload::pattern;
 use rand::rngs::SmallRng;
@@ -17,8 +18,34 @@ const SIZE: u64 = 2 << 20;
 
 #[test]
 fn writers_readers_snapshots_and_flushes_race_safely() {
+    race(CacheConfig::default());
+}
+
+#[test]
+fn the_race_with_a_tiny_cache_evicting_all_the_time() {
+    race(CacheConfig {
+        size: 64 * 4096,
+        ..CacheConfig::default()
+    });
+}
+
+#[test]
+fn the_race_without_cache() {
+    race(CacheConfig {
+        mode: CacheMode::Off,
+        ..CacheConfig::default()
+    });
+}
+
+fn race(cache: CacheConfig) {
     let disks = Disks::mem();
-    let pool = disks.create(&small_opts(), 64 << 20);
+    let pool = disks.create(
+        &PoolOptions {
+            cache,
+            ..small_opts()
+        },
+        64 << 20,
+    );
     pool.create_device("image", SIZE).unwrap();
     let image = pattern(42, SIZE as usize);
     pool.open_device("image")

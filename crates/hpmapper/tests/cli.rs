@@ -540,3 +540,57 @@ fn the_pool_defaults_to_hpmapper_pool() {
     let list: Value = serde_json::from_slice(&succeeded(&["device", "list"], out)).unwrap();
     assert_eq!(list[0]["name"], "from-flag");
 }
+
+#[test]
+fn bench_shared_read_reads_the_image_once_in_shared_mode_and_n_times_per_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let bin = env!("CARGO_BIN_EXE_hpmapper");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let p = pool.to_str().unwrap();
+    run(&["pool", "create", "--pool", p, "--capacity", "256M"]);
+    let size = 8u64 << 20;
+    for (mode, factor) in [("shared", 1), ("per-device", 4)] {
+        let r = run(&[
+            "bench",
+            "shared-read",
+            "--pool",
+            p,
+            "--clones",
+            "4",
+            "--size",
+            "8M",
+            "--cache-mode",
+            mode,
+            "--json",
+        ]);
+        assert_eq!(r["cache_mode"], mode);
+        assert_eq!(r["logical_bytes_read"].as_u64(), Some(4 * size), "{r}");
+        assert_eq!(
+            r["backend_bytes_read"].as_u64(),
+            Some(factor * size),
+            "{mode}: {r}"
+        );
+        assert_eq!(
+            r["cache_bytes_peak"].as_u64(),
+            Some(factor * size),
+            "{mode}: {r}"
+        );
+        assert_eq!(
+            r["per_device_bytes_peak"].as_u64(),
+            Some(4 * size),
+            "{mode}: {r}"
+        );
+    }
+    // The bench cleans up after itself.
+    let list = run(&["device", "list", "--pool", p, "--json"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+}

@@ -6,6 +6,7 @@
 //! command functions take the open pool and their parsed arguments, so a daemon can call
 //! them on a pool it holds.
 
+mod bench;
 mod check;
 mod device;
 mod device_io;
@@ -63,6 +64,9 @@ enum Command {
     Device(device::DeviceCommand),
     /// Check the pool's metadata without changing it; exit 1 if it is inconsistent.
     Check,
+    /// Measure the engine in place (the pool must not be in use).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Runs the parsed command line.
@@ -76,6 +80,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Device(cmd) => with_pool(&dir, |p| device::run(p, cmd, &mut out)),
         Command::Check => check::run(&dir, &mut out),
+        Command::Bench(cmd) => bench::run(&dir, cmd, &mut out),
     }?;
     out.flush().context("writing output")
 }

@@ -69,6 +69,7 @@ pub fn create(dir: &Path, args: &CreateArgs) -> Result<()> {
             Cow::Block => CowGranularity::Block,
             Cow::Chunk => CowGranularity::Chunk,
         },
+        ..PoolOptions::default()
     };
     let what = || format!("creating pool {}", dir.display());
     Pool::create(dir, &opts)

@@ -1,0 +1,555 @@
+//! The shared block cache: keyed by physical block for the whole pool, so a block that N
+//! devices share is held once; single-flight, so concurrent misses on one block are one
+//! backend read; adjacent misses of one request are one backend read (the caller passes runs
+//! of contiguous physical blocks).
+//!
+//! This module owns cached block contents, eviction and the cache counters. It must never
+//! decide what a virtual block maps to (the caller's plan does), and it must never let a read
+//! that starts after a write completed see the data from before that write: `written`
+//! updates ready entries and detaches reads in flight, whose results are then not cached.
+//!
+//! Eviction is S3-FIFO (a small probationary FIFO, a main FIFO with frequency-based
+//! reinsertion, and a ghost list of keys evicted from the small FIFO), made sharing-aware: a
+//! block read by a second device counts as a hit worth two, and a block already shared by
+//! several devices when it is first cached skips probation. Plain LRU is kept as a policy for
+//! the comparison in docs/benchmarks.md.
+//!
+//! Locking: one mutex per shard (by physical block), never held across backend I/O. A
+//! thread resolves every block it claimed before it waits for blocks claimed by others, so
+//! waits cannot form a cycle.
+
+use hpm_io::Backend;
+use parking_lot::{Condvar, Mutex};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+const B: usize = 4096;
+const SHARDS: usize = 32;
+
+/// How devices share the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// One cache for the pool, keyed by physical block (hpmapper).
+    #[default]
+    Shared,
+    /// Every device caches its own copy and reads are not intercepted across devices, with
+    /// the same total size. Exists only as the devicemapper-like baseline for benchmarks.
+    PerDevice,
+    /// No cache: every read goes to the backend.
+    Off,
+}
+
+/// Eviction policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CachePolicy {
+    /// Sharing-aware S3-FIFO (the default).
+    #[default]
+    S3Fifo,
+    /// Plain least-recently-used, for comparison.
+    Lru,
+}
+
+/// Cache settings, chosen when a pool is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Sharing mode.
+    pub mode: CacheMode,
+    /// Bytes of block contents the cache may hold.
+    pub size: u64,
+    /// Eviction policy.
+    pub policy: CachePolicy,
+}
+
+/// Default cache size: 512 MiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 512 << 20;
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            mode: CacheMode::Shared,
+            size: DEFAULT_CACHE_SIZE,
+            policy: CachePolicy::S3Fifo,
+        }
+    }
+}
+
+/// Cache counters since the pool was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Block reads served from the cache.
+    pub hits: u64,
+    /// Block reads that went to the backend.
+    pub misses: u64,
+    /// Block reads that waited for another read of the same block already in flight
+    /// (intercepted: no backend I/O of their own).
+    pub coalesced: u64,
+    /// Backend read calls (adjacent misses of one request are one call).
+    pub backend_reads: u64,
+    /// Bytes read from the backend.
+    pub backend_read_bytes: u64,
+    /// Bytes cached now.
+    pub cached_bytes: u64,
+    /// Most bytes cached at once.
+    pub cached_bytes_peak: u64,
+    /// Bytes a cache per device would hold for the same accesses (each block once per
+    /// device that read it): the dedup saving is 1 - cached / this.
+    pub per_device_bytes: u64,
+    /// Most `per_device_bytes` at once.
+    pub per_device_bytes_peak: u64,
+    /// Blocks evicted.
+    pub evictions: u64,
+    /// Blocks dropped because they were freed or rewritten while being read.
+    pub invalidations: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    coalesced: AtomicU64,
+    backend_reads: AtomicU64,
+    backend_read_bytes: AtomicU64,
+    cached: AtomicU64,
+    cached_peak: AtomicU64,
+    per_device: AtomicU64,
+    per_device_peak: AtomicU64,
+    evictions: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+impl Counters {
+    fn gauge(v: &AtomicU64, peak: &AtomicU64, delta: i64) {
+        let now = if delta >= 0 {
+            v.fetch_add(delta as u64, Relaxed) + delta as u64
+        } else {
+            v.fetch_sub((-delta) as u64, Relaxed) - (-delta) as u64
+        };
+        peak.fetch_max(now, Relaxed);
+    }
+}
+
+type Key = (u32, u64);
+
+/// A read in flight: the first reader of a block fills it, later ones wait.
+struct Flight {
+    result: Mutex<Option<Result<Arc<[u8]>, String>>>,
+    done: Condvar,
+}
+
+impl Flight {
+    fn finish(&self, r: Result<Arc<[u8]>, String>) {
+        *self.result.lock() = Some(r);
+        self.done.notify_all();
+    }
+    fn wait(&self) -> Result<Arc<[u8]>, String> {
+        let mut g = self.result.lock();
+        while g.is_none() {
+            self.done.wait(&mut g);
+        }
+        g.clone().expect("set")
+    }
+}
+
+struct Entry {
+    data: Arc<[u8]>,
+    freq: u8,
+    gen: u64,
+    main: bool,
+    readers: Vec<u32>,
+}
+
+enum Slot {
+    Ready(Entry),
+    Loading(Arc<Flight>),
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<Key, Slot>,
+    small: VecDeque<(Key, u64)>,
+    main: VecDeque<(Key, u64)>,
+    ghost: VecDeque<Key>,
+    ghost_set: HashSet<Key>,
+    small_len: usize,
+    main_len: usize,
+    next_gen: u64,
+    /// Per-device mode: the devices holding a copy of each physical block.
+    owners: HashMap<u64, Vec<u32>>,
+}
+
+/// The cache of one pool.
+pub(crate) struct BlockCache {
+    cfg: CacheConfig,
+    cap_per_shard: usize,
+    shards: Box<[Mutex<Shard>]>,
+    c: Counters,
+}
+
+fn shard_of(p: u64) -> usize {
+    // Neighbouring blocks go to neighbouring shards; the multiply spreads chunk-aligned runs.
+    ((p.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize) % SHARDS
+}
+
+impl BlockCache {
+    pub(crate) fn new(cfg: CacheConfig) -> Self {
+        let blocks = (cfg.size / B as u64) as usize;
+        Self {
+            cfg,
+            cap_per_shard: (blocks / SHARDS).max(1),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            c: Counters::default(),
+        }
+    }
+
+    pub(crate) fn enabled(&self) -> bool {
+        self.cfg.mode != CacheMode::Off && self.cfg.size >= B as u64
+    }
+
+    pub(crate) fn config(&self) -> CacheConfig {
+        self.cfg
+    }
+
+    fn owner(&self, dev: u32) -> u32 {
+        if self.cfg.mode == CacheMode::PerDevice {
+            dev
+        } else {
+            0
+        }
+    }
+
+    /// Reads physical blocks `p0..p0 + out.len()/4096` into `out` for device `dev`;
+    /// `sharers[i]` is how many devices map block i (a hint for eviction). Returns the bytes
+    /// read from the backend.
+    pub(crate) fn read(
+        &self,
+        dev: u32,
+        p0: u64,
+        out: &mut [u8],
+        sharers: &[u32],
+        backend: &dyn Backend,
+    ) -> io::Result<u64> {
+        let n = out.len() / B;
+        debug_assert_eq!(out.len() % B, 0);
+        let owner = self.owner(dev);
+        let mut claimed: Vec<(usize, Arc<Flight>)> = Vec::new();
+        let mut waits: Vec<(usize, Arc<Flight>)> = Vec::new();
+        for i in 0..n {
+            let key = (owner, p0 + i as u64);
+            let mut sh = self.shards[shard_of(key.1)].lock();
+            match sh.map.get_mut(&key) {
+                Some(Slot::Ready(e)) => {
+                    out[i * B..(i + 1) * B].copy_from_slice(&e.data);
+                    let bonus = if e.readers.contains(&dev) {
+                        1
+                    } else {
+                        e.readers.push(dev);
+                        Counters::gauge(&self.c.per_device, &self.c.per_device_peak, B as i64);
+                        2
+                    };
+                    e.freq = (e.freq + bonus).min(3);
+                    if self.cfg.policy == CachePolicy::Lru {
+                        sh.touch_lru(key);
+                    }
+                    self.c.hits.fetch_add(1, Relaxed);
+                }
+                Some(Slot::Loading(f)) => {
+                    waits.push((i, f.clone()));
+                    self.c.coalesced.fetch_add(1, Relaxed);
+                }
+                None => {
+                    let f = Arc::new(Flight {
+                        result: Mutex::new(None),
+                        done: Condvar::new(),
+                    });
+                    sh.map.insert(key, Slot::Loading(f.clone()));
+                    claimed.push((i, f));
+                    self.c.misses.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        let mut read_bytes = 0;
+        let mut result = Ok(());
+        let mut k = 0;
+        while k < claimed.len() {
+            let mut j = k + 1;
+            while j < claimed.len() && claimed[j].0 == claimed[j - 1].0 + 1 {
+                j += 1;
+            }
+            let (i0, i1) = (claimed[k].0, claimed[j - 1].0 + 1);
+            let r = if result.is_ok() {
+                backend.read_at(&mut out[i0 * B..i1 * B], (p0 + i0 as u64) * B as u64)
+            } else {
+                Err(io::Error::other("an earlier part of the same read failed"))
+            };
+            match r {
+                Ok(()) => {
+                    self.c.backend_reads.fetch_add(1, Relaxed);
+                    self.c
+                        .backend_read_bytes
+                        .fetch_add(((i1 - i0) * B) as u64, Relaxed);
+                    read_bytes += ((i1 - i0) * B) as u64;
+                    for (i, f) in &claimed[k..j] {
+                        let data: Arc<[u8]> = Arc::from(&out[i * B..(i + 1) * B]);
+                        let sh_hint = sharers.get(*i).copied().unwrap_or(1);
+                        // Cached before the waiters wake, so they find the entry to count
+                        // themselves among its readers.
+                        self.publish((owner, p0 + *i as u64), f, data.clone(), dev, sh_hint);
+                        f.finish(Ok(data));
+                    }
+                }
+                Err(e) => {
+                    for (i, f) in &claimed[k..j] {
+                        f.finish(Err(e.to_string()));
+                        self.detach((owner, p0 + *i as u64), f);
+                    }
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+            k = j;
+        }
+        result?;
+        for (i, f) in waits {
+            let data = f.wait().map_err(|e| {
+                io::Error::other(format!("a concurrent read of the same block failed: {e}"))
+            })?;
+            out[i * B..(i + 1) * B].copy_from_slice(&data);
+            self.note_reader((owner, p0 + i as u64), dev);
+        }
+        Ok(read_bytes)
+    }
+
+    /// Counts `dev` among the devices that read a cached block (for `per_device_bytes`).
+    fn note_reader(&self, key: Key, dev: u32) {
+        let mut sh = self.shards[shard_of(key.1)].lock();
+        if let Some(Slot::Ready(e)) = sh.map.get_mut(&key) {
+            if !e.readers.contains(&dev) {
+                e.readers.push(dev);
+                Counters::gauge(&self.c.per_device, &self.c.per_device_peak, B as i64);
+            }
+        }
+    }
+
+    /// Turns a claimed slot into a cached entry, unless a write or free detached it.
+    fn publish(&self, key: Key, f: &Arc<Flight>, data: Arc<[u8]>, dev: u32, sharers: u32) {
+        let mut sh = self.shards[shard_of(key.1)].lock();
+        match sh.map.get(&key) {
+            Some(Slot::Loading(cur)) if Arc::ptr_eq(cur, f) => {}
+            _ => return,
+        }
+        let gen = sh.next_gen;
+        sh.next_gen += 1;
+        // Sharing-aware admission: a block several devices map, or one evicted from
+        // probation recently (ghost), goes straight to the main FIFO.
+        let main = self.cfg.policy == CachePolicy::Lru || sharers > 1 || sh.ghost_set.remove(&key);
+        if main {
+            sh.main.push_back((key, gen));
+            sh.main_len += 1;
+        } else {
+            sh.small.push_back((key, gen));
+            sh.small_len += 1;
+        }
+        sh.map.insert(
+            key,
+            Slot::Ready(Entry {
+                data,
+                freq: 0,
+                gen,
+                main,
+                readers: vec![dev],
+            }),
+        );
+        if self.cfg.mode == CacheMode::PerDevice {
+            sh.owners.entry(key.1).or_default().push(key.0);
+        }
+        Counters::gauge(&self.c.cached, &self.c.cached_peak, B as i64);
+        Counters::gauge(&self.c.per_device, &self.c.per_device_peak, B as i64);
+        while sh.small_len + sh.main_len > self.cap_per_shard {
+            if !self.evict_one(&mut sh) {
+                break;
+            }
+        }
+    }
+
+    fn detach(&self, key: Key, f: &Arc<Flight>) {
+        let mut sh = self.shards[shard_of(key.1)].lock();
+        if matches!(sh.map.get(&key), Some(Slot::Loading(cur)) if Arc::ptr_eq(cur, f)) {
+            sh.map.remove(&key);
+        }
+    }
+
+    fn drop_entry(&self, sh: &mut Shard, key: Key) -> Option<Entry> {
+        match sh.map.remove(&key) {
+            Some(Slot::Ready(e)) => {
+                if e.main {
+                    sh.main_len -= 1;
+                } else {
+                    sh.small_len -= 1;
+                }
+                if let Some(v) = sh.owners.get_mut(&key.1) {
+                    v.retain(|&o| o != key.0);
+                    if v.is_empty() {
+                        sh.owners.remove(&key.1);
+                    }
+                }
+                Counters::gauge(&self.c.cached, &self.c.cached_peak, -(B as i64));
+                Counters::gauge(
+                    &self.c.per_device,
+                    &self.c.per_device_peak,
+                    -((B * e.readers.len()) as i64),
+                );
+                Some(e)
+            }
+            Some(slot @ Slot::Loading(_)) => {
+                // A read in flight: forget it, so that its result is not cached and later
+                // readers go to the backend for the current contents.
+                drop(slot);
+                self.c.invalidations.fetch_add(1, Relaxed);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Evicts one entry; false if nothing is evictable.
+    fn evict_one(&self, sh: &mut Shard) -> bool {
+        loop {
+            let from_small = sh.small_len > 0
+                && (sh.small_len * 10 > self.cap_per_shard || sh.main_len == 0)
+                && self.cfg.policy == CachePolicy::S3Fifo;
+            let item = if from_small {
+                sh.small.pop_front()
+            } else {
+                sh.main.pop_front()
+            };
+            let Some((key, gen)) = item else {
+                if sh.small.is_empty() && sh.main.is_empty() {
+                    return false;
+                }
+                continue;
+            };
+            let Some(Slot::Ready(e)) = sh.map.get_mut(&key) else {
+                continue;
+            };
+            if e.gen != gen {
+                continue; // stale queue item (moved or touched since)
+            }
+            if from_small {
+                if e.freq > 1 {
+                    // Proven useful in probation: promote.
+                    let g = sh.next_gen;
+                    sh.next_gen += 1;
+                    e.gen = g;
+                    e.main = true;
+                    e.freq = 0;
+                    sh.small_len -= 1;
+                    sh.main_len += 1;
+                    sh.main.push_back((key, g));
+                    continue;
+                }
+                self.drop_entry(sh, key);
+                sh.ghost.push_back(key);
+                sh.ghost_set.insert(key);
+                while sh.ghost.len() > self.cap_per_shard {
+                    if let Some(k) = sh.ghost.pop_front() {
+                        sh.ghost_set.remove(&k);
+                    }
+                }
+            } else if e.freq > 0 && self.cfg.policy == CachePolicy::S3Fifo {
+                e.freq -= 1;
+                let g = sh.next_gen;
+                sh.next_gen += 1;
+                e.gen = g;
+                sh.main.push_back((key, g));
+                continue;
+            } else {
+                self.drop_entry(sh, key);
+            }
+            self.c.evictions.fetch_add(1, Relaxed);
+            return true;
+        }
+    }
+
+    /// After data was written to physical blocks `p0..` by `dev` (whole blocks): cached
+    /// copies are updated (the writer's) or dropped (anyone else's), reads in flight detached.
+    pub(crate) fn written(&self, dev: u32, p0: u64, data: &[u8]) {
+        let owner = self.owner(dev);
+        for (i, blk) in data.chunks_exact(B).enumerate() {
+            let p = p0 + i as u64;
+            let mut sh = self.shards[shard_of(p)].lock();
+            if self.cfg.mode == CacheMode::PerDevice {
+                let others: Vec<u32> = sh
+                    .owners
+                    .get(&p)
+                    .map(|v| v.iter().copied().filter(|&o| o != owner).collect())
+                    .unwrap_or_default();
+                for o in others {
+                    self.drop_entry(&mut sh, (o, p));
+                }
+            }
+            match sh.map.get_mut(&(owner, p)) {
+                Some(Slot::Ready(e)) => e.data = Arc::from(blk),
+                Some(Slot::Loading(_)) => {
+                    self.drop_entry(&mut sh, (owner, p));
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Drops freed blocks (every owner's copy).
+    pub(crate) fn invalidate(&self, blocks: &[u64]) {
+        for &p in blocks {
+            let mut sh = self.shards[shard_of(p)].lock();
+            let owners = match self.cfg.mode {
+                CacheMode::PerDevice => sh.owners.get(&p).cloned().unwrap_or_default(),
+                _ => vec![0],
+            };
+            for o in owners {
+                if self.drop_entry(&mut sh, (o, p)).is_some() {
+                    self.c.invalidations.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn stats(&self) -> CacheStats {
+        let l = |a: &AtomicU64| a.load(Relaxed);
+        CacheStats {
+            hits: l(&self.c.hits),
+            misses: l(&self.c.misses),
+            coalesced: l(&self.c.coalesced),
+            backend_reads: l(&self.c.backend_reads),
+            backend_read_bytes: l(&self.c.backend_read_bytes),
+            cached_bytes: l(&self.c.cached),
+            cached_bytes_peak: l(&self.c.cached_peak),
+            per_device_bytes: l(&self.c.per_device),
+            per_device_bytes_peak: l(&self.c.per_device_peak),
+            evictions: l(&self.c.evictions),
+            invalidations: l(&self.c.invalidations),
+        }
+    }
+}
+
+impl Shard {
+    /// LRU: a hit moves the entry to the back of the queue (the old item goes stale).
+    fn touch_lru(&mut self, key: Key) {
+        let g = self.next_gen;
+        self.next_gen += 1;
+        if let Some(Slot::Ready(e)) = self.map.get_mut(&key) {
+            e.gen = g;
+            self.main.push_back((key, g));
+        }
+        if self.main.len() > 4 * self.main_len.max(16) {
+            let map = &self.map;
+            self.main
+                .retain(|(k, g)| matches!(map.get(k), Some(Slot::Ready(e)) if e.gen == *g));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,129 @@
+//! The shared cache seen from devices: N snapshots of one image read it with one backend read
+//! per block (interception and dedup), the devicemapper-like per-device mode reads it N
+//! times, and copy-on-write and discard keep cached contents right.
+
+mod common;
+
+use common::*;
+use hpm_engine::{CacheConfig, CacheMode, PoolOptions};
+use hpm_testkit::workload::pattern;
+use std::thread;
+
+const SIZE: u64 = 4 << 20;
+
+fn shared_read(mode: CacheMode, n: usize) -> (hpm_engine::CacheStats, hpm_engine::EngineStats) {
+    let disks = Disks::mem();
+    let cache = CacheConfig {
+        mode,
+        size: 64 << 20,
+        ..CacheConfig::default()
+    };
+    let pool = disks.create(
+        &PoolOptions {
+            cache,
+            ..small_opts()
+        },
+        64 << 20,
+    );
+    pool.create_device("image", SIZE).unwrap();
+    let image = pattern(7, SIZE as usize);
+    pool.open_device("image")
+        .unwrap()
+        .write_at(&image, 0)
+        .unwrap();
+    for k in 0..n {
+        pool.snapshot("image", &format!("c{k}"), false).unwrap();
+    }
+    let before = (pool.cache_stats(), pool.stats());
+    let hs: Vec<_> = (0..n)
+        .map(|k| {
+            let (pool, image) = (pool.clone(), image.clone());
+            thread::spawn(move || {
+                let d = pool.open_device(&format!("c{k}")).unwrap();
+                let mut buf = vec![0u8; 256 << 10];
+                for off in (0..SIZE).step_by(buf.len()) {
+                    d.read_at(&mut buf, off).unwrap();
+                    assert!(buf[..] == image[off as usize..off as usize + buf.len()]);
+                }
+            })
+        })
+        .collect();
+    hs.into_iter().for_each(|h| h.join().unwrap());
+    let (c, e) = (pool.cache_stats(), pool.stats());
+    let mut c2 = c;
+    c2.backend_read_bytes -= before.0.backend_read_bytes;
+    let mut e2 = e;
+    e2.backend_read_bytes -= before.1.backend_read_bytes;
+    (c2, e2)
+}
+
+#[test]
+fn n_clones_reading_one_image_read_the_disk_once() {
+    for n in [1, 4, 8] {
+        let (c, e) = shared_read(CacheMode::Shared, n);
+        assert_eq!(
+            c.backend_read_bytes, SIZE,
+            "N = {n}: backend bytes equal the unique bytes"
+        );
+        assert_eq!(e.backend_read_bytes, SIZE, "N = {n}");
+        assert_eq!(c.cached_bytes, SIZE, "N = {n}: cached once");
+        assert_eq!(
+            c.per_device_bytes,
+            n as u64 * SIZE,
+            "N = {n}: per-device caches would hold N copies"
+        );
+        assert_eq!(c.hits + c.coalesced + c.misses, n as u64 * SIZE / 4096);
+    }
+}
+
+#[test]
+fn per_device_mode_reads_and_caches_n_times() {
+    let n = 4;
+    let (c, _) = shared_read(CacheMode::PerDevice, n);
+    assert_eq!(c.backend_read_bytes, n as u64 * SIZE);
+    assert_eq!(c.cached_bytes, n as u64 * SIZE);
+}
+
+#[test]
+fn cached_blocks_follow_cow_overwrite_discard_and_reuse() {
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 2 << 20);
+    pool.create_device("a", 1 << 20).unwrap();
+    let a = pool.open_device("a").unwrap();
+    a.write_at(&pattern(1, 1 << 20), 0).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    a.read_at(&mut buf, 0).unwrap(); // all cached
+    pool.snapshot("a", "b", false).unwrap();
+    let b = pool.open_device("b").unwrap();
+    b.write_at(&pattern(2, 10_000), 5000).unwrap(); // copy-on-write of cached blocks
+    a.read_at(&mut buf, 0).unwrap();
+    assert!(
+        buf == pattern(1, 1 << 20),
+        "the origin still reads its own data"
+    );
+    b.read_at(&mut buf[..10_000], 5000).unwrap();
+    assert!(buf[..10_000] == pattern(2, 10_000));
+    a.write_at(&pattern(3, 4096), 1 << 19).unwrap(); // overwrite in place? (shared: CoW)
+    b.discard(0, 1 << 20).unwrap();
+    b.flush().unwrap();
+    drop(b);
+    pool.remove_device("b").unwrap();
+    pool.remove_device("a").unwrap_err(); // still open
+    drop(a);
+    pool.remove_device("a").unwrap();
+    pool.flush().unwrap();
+    assert_eq!(
+        pool.cache_stats().cached_bytes,
+        0,
+        "freed blocks leave the cache"
+    );
+    // Every block is free and may be reused; a new device must not see cached old data.
+    pool.create_device("c", 2 << 20).unwrap();
+    let c = pool.open_device("c").unwrap();
+    let mut big = vec![1u8; 2 << 20];
+    c.read_at(&mut big, 0).unwrap();
+    assert!(big.iter().all(|&x| x == 0));
+    c.write_at(&pattern(4, 2 << 20), 0).unwrap();
+    c.read_at(&mut big, 0).unwrap();
+    assert!(big == pattern(4, 2 << 20));
+}
