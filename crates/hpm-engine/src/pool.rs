@@ -89,6 +89,8 @@ pub(crate) struct Inner {
     pub gate: RwLock<()>,
     pub stats: Stats,
     pub cache: BlockCache,
+    /// The pool directory, when opened from one (for `Pool::check`).
+    pub dir: std::sync::OnceLock<PathBuf>,
     pub closed: std::sync::atomic::AtomicBool,
     _lock: Option<File>,
 }
@@ -296,6 +298,7 @@ impl Pool {
         };
         let pool = Self::create_on(storage, opts, capacity, data_path, Some(lock))?;
         sync_dir(dir)?;
+        let _ = pool.inner.dir.set(dir.to_path_buf());
         Ok(pool)
     }
 
@@ -380,7 +383,31 @@ impl Pool {
     pub fn open_with(dir: &Path, cache: CacheConfig) -> Result<Pool> {
         let lock = lock_dir(dir)?;
         let storage = open_files(dir, false)?;
-        Self::open_on_with(storage, Some(lock), cache)
+        let pool = Self::open_on_with(storage, Some(lock), cache)?;
+        let _ = pool.inner.dir.set(dir.to_path_buf());
+        Ok(pool)
+    }
+
+    /// Checks this open pool's metadata with the same rules as [`crate::check`]: flushes,
+    /// then reads the metadata files while commits and checkpoints are held off. For the
+    /// process that holds the pool (the daemon); others use `check`.
+    pub fn check(&self) -> Result<crate::CheckReport> {
+        let dir = self.inner.dir.get().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                "this pool was not opened from a directory",
+            )
+        })?;
+        if self.inner.check_writable().is_ok() {
+            self.inner.commit()?;
+        }
+        let _store = self.inner.store.lock();
+        crate::check_storage(open_files(dir, true)?)
+    }
+
+    /// The directory the pool was opened from, if any.
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.dir.get().map(PathBuf::as_path)
     }
 
     /// Opens a pool on the given backends.
@@ -501,6 +528,7 @@ impl Pool {
                 gate: RwLock::new(()),
                 stats: Stats::default(),
                 cache: BlockCache::new(cache),
+                dir: std::sync::OnceLock::new(),
                 closed: false.into(),
                 _lock: lock,
             }),

@@ -5,6 +5,8 @@
 //! `cli`, one module per noun; they never print errors or exit themselves.
 
 mod cli;
+mod control;
+mod daemon;
 mod logging;
 mod pieces;
 mod size;

@@ -11,6 +11,15 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> Result<()> {
     let what = || format!("checking pool {}", dir.display());
     require_dir(dir).with_context(what)?;
     let report = hpm_engine::check(dir).with_context(what)?;
+    report_to(dir, report, out)
+}
+
+/// Prints a report; fails (exit 1) when it has a problem.
+pub fn report(dir: &Path, report: hpm_engine::CheckReport, out: &mut dyn Write) -> Result<()> {
+    report_to(dir, report, out)
+}
+
+fn report_to(dir: &Path, report: hpm_engine::CheckReport, out: &mut dyn Write) -> Result<()> {
     let mut print = |line: String| writeln!(out, "{line}").context("writing output");
     if report.is_clean() {
         print(format!(

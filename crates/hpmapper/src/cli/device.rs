@@ -31,12 +31,35 @@ pub enum DeviceCommand {
     Write(device_io::WriteArgs),
     /// Read --length bytes at --offset to FILE, or to stdout.
     Read(device_io::ReadArgs),
+    /// Attach the device as a kernel block device (a loop device over the daemon's FUSE
+    /// file, with direct I/O and 4096-byte blocks); prints /dev/loopN. Needs the daemon.
+    Attach(AttachArgs),
+    /// Detach the device's loop device (refused while it is mounted). Needs the daemon.
+    Detach(NameArgs),
+    /// Make an ext4 filesystem (4096-byte blocks) on the device. Needs the daemon.
+    Mkfs(NameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Device name.
+    name: String,
+    /// Attach read-only.
+    #[arg(long)]
+    read_only: bool,
+}
+
+/// The daemon, or a clear error saying the command needs it.
+fn daemon_of<'a>(ctx: &super::Ctx<'a>, what: &str) -> Result<&'a crate::daemon::Daemon> {
+    ctx.daemon.ok_or_else(|| {
+        anyhow::anyhow!("`hpmapper {what}` needs the daemon, which serves the device files: start `hpmapper daemon`")
+    })
 }
 
 #[derive(Debug, Args)]
 pub struct NameArgs {
     /// Device name.
-    name: String,
+    pub name: String,
 }
 
 #[derive(Debug, Args)]
@@ -76,7 +99,12 @@ pub struct ListArgs {
 }
 
 /// Runs one device command on an open pool.
-pub fn run(pool: &Pool, cmd: DeviceCommand, out: &mut dyn Write) -> Result<()> {
+pub fn run(
+    pool: &Pool,
+    cmd: DeviceCommand,
+    ctx: &mut super::Ctx<'_>,
+    out: &mut dyn Write,
+) -> Result<()> {
     match cmd {
         DeviceCommand::Create(a) => {
             let size = parse_size("--size", &a.size)?;
@@ -96,10 +124,28 @@ pub fn run(pool: &Pool, cmd: DeviceCommand, out: &mut dyn Write) -> Result<()> {
                 .with_context(|| format!("resizing device {:?}", a.name))?;
         }
         DeviceCommand::List(a) => list(pool, &a, out)?,
-        DeviceCommand::Import(a) => image::import(pool, &a)?,
-        DeviceCommand::Export(a) => image::export(pool, &a)?,
-        DeviceCommand::Write(a) => device_io::write(pool, &a)?,
-        DeviceCommand::Read(a) => device_io::read(pool, &a, out)?,
+        DeviceCommand::Import(mut a) => {
+            a.resolve(&ctx.cwd);
+            image::import(pool, &a)?
+        }
+        DeviceCommand::Export(mut a) => {
+            a.resolve(&ctx.cwd);
+            image::export(pool, &a)?
+        }
+        DeviceCommand::Write(mut a) => {
+            a.resolve(&ctx.cwd);
+            device_io::write(pool, &a, ctx.stdin)?
+        }
+        DeviceCommand::Read(mut a) => {
+            a.resolve(&ctx.cwd);
+            device_io::read(pool, &a, out)?
+        }
+        DeviceCommand::Attach(a) => {
+            let path = daemon_of(ctx, "device attach")?.attach(&a.name, a.read_only)?;
+            writeln!(out, "{}", path.display())?;
+        }
+        DeviceCommand::Detach(a) => daemon_of(ctx, "device detach")?.detach(&a.name)?,
+        DeviceCommand::Mkfs(a) => daemon_of(ctx, "device mkfs")?.mkfs(&a.name)?,
     }
     Ok(())
 }

@@ -36,12 +36,37 @@ pub struct ReadArgs {
     file: Option<PathBuf>,
 }
 
+impl WriteArgs {
+    /// Makes FILE absolute against `cwd` (stdin stays stdin).
+    pub fn resolve(&mut self, cwd: &Path) {
+        if !is_stdio(&self.file) {
+            self.file = cwd.join(&self.file);
+        }
+    }
+
+    /// Whether the bytes come from stdin.
+    pub fn reads_stdin(&self) -> bool {
+        is_stdio(&self.file)
+    }
+}
+
+impl ReadArgs {
+    /// Makes FILE absolute against `cwd` (stdout stays stdout).
+    pub fn resolve(&mut self, cwd: &Path) {
+        if let Some(f) = &mut self.file {
+            if !is_stdio(f) {
+                *f = cwd.join(&*f);
+            }
+        }
+    }
+}
+
 fn is_stdio(path: &Path) -> bool {
     path.as_os_str() == "-"
 }
 
 /// Writes the input at the offset and flushes.
-pub fn write(pool: &Pool, args: &WriteArgs) -> Result<()> {
+pub fn write(pool: &Pool, args: &WriteArgs, stdin: &mut dyn Read) -> Result<()> {
     let offset = parse_size("--offset", &args.offset)?;
     let source = if is_stdio(&args.file) {
         "stdin".to_string()
@@ -57,8 +82,9 @@ pub fn write(pool: &Pool, args: &WriteArgs) -> Result<()> {
             what()
         )
     };
-    let mut input: Box<dyn Read> = if is_stdio(&args.file) {
-        Box::new(std::io::stdin().lock())
+    let mut file;
+    let input: &mut dyn Read = if is_stdio(&args.file) {
+        stdin
     } else {
         let f = File::open(&args.file)
             .with_context(|| format!("opening {source}"))
@@ -73,12 +99,13 @@ pub fn write(pool: &Pool, args: &WriteArgs) -> Result<()> {
         if meta.is_file() && offset.saturating_add(meta.len()) > size {
             bail!(past_end(meta.len()));
         }
-        Box::new(f)
+        file = f;
+        &mut file
     };
     let mut buf = vec![0u8; PIECE];
     let mut pos = 0u64;
     loop {
-        let n = read_full(&mut input, &mut buf)
+        let n = read_full(input, &mut buf)
             .with_context(|| format!("reading {source} at byte {pos}"))
             .with_context(what)?;
         if n == 0 {

@@ -24,6 +24,20 @@ pub struct ImportArgs {
     file: PathBuf,
 }
 
+impl ImportArgs {
+    /// Makes FILE absolute against `cwd` (commands run by the daemon see the client's cwd).
+    pub fn resolve(&mut self, cwd: &Path) {
+        self.file = cwd.join(&self.file);
+    }
+}
+
+impl ExportArgs {
+    /// Makes FILE absolute against `cwd`.
+    pub fn resolve(&mut self, cwd: &Path) {
+        self.file = cwd.join(&self.file);
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// Device to export.

@@ -12,6 +12,7 @@ mod device;
 mod device_io;
 mod image;
 mod pool;
+mod status;
 
 use crate::logging::LogLevel;
 use anyhow::{bail, Context, Result};
@@ -22,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 /// Where the pool lives when neither `--pool` nor `$HPMAPPER_POOL` says.
 const DEFAULT_POOL: &str = "/var/lib/hpmapper";
+/// Where the daemon keeps its sockets and device files by default.
+pub const DEFAULT_RUN_DIR: &str = "/run/hpmapper";
 
 /// hpmapper: thin-provisioned block devices with cheap snapshots, for containers.
 ///
@@ -50,16 +53,27 @@ pub struct Cli {
     )]
     pub log_level: Option<LogLevel>,
 
+    /// The daemon's runtime directory (control socket, FUSE device files) [default:
+    /// $HPMAPPER_RUN_DIR, else /run/hpmapper]
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        help_heading = "Global options"
+    )]
+    pub run_dir: Option<PathBuf>,
+
     #[command(subcommand)]
-    command: Command,
+    pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+pub enum Command {
     /// Create a pool or show its figures.
     #[command(subcommand)]
     Pool(pool::PoolCommand),
-    /// Create, snapshot, remove, resize, list, import, export, write and read devices.
+    /// Create, snapshot, remove, resize, list, import, export, write, read, attach, detach
+    /// and mkfs devices.
     #[command(subcommand)]
     Device(device::DeviceCommand),
     /// Check the pool's metadata without changing it; exit 1 if it is inconsistent.
@@ -67,22 +81,90 @@ enum Command {
     /// Measure the engine in place (the pool must not be in use).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run the daemon: own the pool, serve devices (FUSE files for loop devices, NBD), and
+    /// run CLI commands sent to its control socket.
+    Daemon(crate::daemon::DaemonArgs),
+    /// Show the daemon's devices, attachments, connections and live counters.
+    Status(status::StatusArgs),
+}
+
+/// Where a command runs and what it may use besides the pool.
+pub struct Ctx<'a> {
+    /// The client's working directory (relative paths are relative to it).
+    pub cwd: PathBuf,
+    /// The client's standard input.
+    pub stdin: &'a mut dyn std::io::Read,
+    /// The daemon, when the command runs inside it.
+    pub daemon: Option<&'a crate::daemon::Daemon>,
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    let dir = pool_dir(cli.pool);
+    let dir = pool_dir(cli.pool.clone());
+    let run_dir = run_dir(cli.run_dir.clone());
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Pool(pool::PoolCommand::Create(args)) => pool::create(&dir, &args),
-        Command::Pool(pool::PoolCommand::Info(args)) => {
-            with_pool(&dir, |p| pool::info(p, &args, &mut out))
-        }
-        Command::Device(cmd) => with_pool(&dir, |p| device::run(p, cmd, &mut out)),
+        Command::Daemon(args) => return crate::daemon::run(&dir, &run_dir, args),
+        Command::Pool(pool::PoolCommand::Create(args)) => return pool::create(&dir, &args),
+        Command::Bench(cmd) => return bench::run(&dir, cmd, &mut out),
+        _ => {}
+    }
+    // A daemon that holds this pool runs the command; otherwise it runs here on the pool
+    // opened directly.
+    let stdin_needed =
+        matches!(&cli.command, Command::Device(device::DeviceCommand::Write(a)) if a.reads_stdin());
+    if let Some(()) = crate::control::forward(&run_dir, &dir, stdin_needed, &mut out)? {
+        return out.flush().context("writing output");
+    }
+    let mut stdin = std::io::stdin().lock();
+    let mut ctx = Ctx {
+        cwd: std::env::current_dir().context("reading the working directory")?,
+        stdin: &mut stdin,
+        daemon: None,
+    };
+    match cli.command {
         Command::Check => check::run(&dir, &mut out),
-        Command::Bench(cmd) => bench::run(&dir, cmd, &mut out),
+        Command::Status(_) => bail!(
+            "no hpmapper daemon serves pool {} (control socket {} not answering); start one with `hpmapper daemon --pool {}`",
+            dir.display(),
+            run_dir.join(crate::control::SOCKET).display(),
+            dir.display()
+        ),
+        command => with_pool(&dir, |p| execute(p, command, &mut ctx, &mut out)),
     }?;
     out.flush().context("writing output")
+}
+
+/// Runs a command on an open pool: here, or in the daemon for a client.
+pub fn execute(
+    pool: &Pool,
+    command: Command,
+    ctx: &mut Ctx<'_>,
+    out: &mut dyn Write,
+) -> Result<()> {
+    match command {
+        Command::Pool(pool::PoolCommand::Info(args)) => pool::info(pool, &args, out),
+        Command::Pool(pool::PoolCommand::Create(_)) => {
+            bail!("the daemon already holds a pool here")
+        }
+        Command::Device(cmd) => device::run(pool, cmd, ctx, out),
+        Command::Check => check::report(pool.dir().unwrap_or(Path::new("?")), pool.check()?, out),
+        Command::Status(args) => status::run(pool, &args, ctx, out),
+        Command::Bench(_) => {
+            bail!("`hpmapper bench` needs the pool to itself: stop the daemon first")
+        }
+        Command::Daemon(_) => bail!("a daemon already holds this pool"),
+    }
+}
+
+/// `--run-dir`, else a non-empty `$HPMAPPER_RUN_DIR`, else /run/hpmapper.
+fn run_dir(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| {
+        std::env::var_os("HPMAPPER_RUN_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+    .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
 }
 
 /// `--pool`, else a non-empty `$HPMAPPER_POOL`, else the default.
@@ -97,7 +179,7 @@ fn pool_dir(arg: Option<PathBuf>) -> PathBuf {
 
 /// Fails clearly when `dir` is not a directory, before the engine would create its lock
 /// file there.
-fn require_dir(dir: &Path) -> Result<()> {
+pub(crate) fn require_dir(dir: &Path) -> Result<()> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => bail!("{} is not a directory", dir.display()),
@@ -131,6 +213,6 @@ fn with_pool(dir: &Path, f: impl FnOnce(&Pool) -> Result<()>) -> Result<()> {
 
 /// Parses a SIZE-like argument after clap, so a bad value is a failure (exit 1) that names
 /// the flag.
-fn parse_size(flag: &str, value: &str) -> Result<u64> {
+pub(crate) fn parse_size(flag: &str, value: &str) -> Result<u64> {
     crate::size::parse(value).context(flag.to_string())
 }

@@ -1,0 +1,219 @@
+//! `hpmapper daemon`: owns the pool for as long as it runs, serves its devices to the kernel
+//! (FUSE device files under loop devices) and to NBD clients, runs CLI commands sent to its
+//! control socket, and shuts down cleanly on SIGTERM or SIGINT: stops serving, detaches,
+//! flushes, checkpoints and releases the pool.
+//!
+//! This module owns the daemon's lifecycle and state (attachments, servers). The command
+//! functions it runs are the CLI's own (`cli::execute`); the wire format is in `control`.
+
+mod attach;
+mod control_server;
+mod metrics;
+
+pub use attach::{server_counters_json, Attachment};
+
+use crate::cli::parse_size;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hpm_engine::{CacheConfig, CacheMode, Pool};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Block cache size [default: 512M].
+    #[arg(long, value_name = "SIZE")]
+    cache_size: Option<String>,
+    /// NBD server on this unix socket [default: RUN_DIR/nbd.sock].
+    #[arg(long, value_name = "PATH")]
+    nbd_unix: Option<PathBuf>,
+    /// Also serve NBD on TCP: PORT (loopback) or ADDR:PORT. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    nbd_tcp: Option<String>,
+    /// Serve Prometheus metrics over HTTP: PORT (loopback) or ADDR:PORT. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+}
+
+/// A TCP address from `PORT` (loopback) or `ADDR:PORT`.
+pub fn tcp_addr(flag: &str, s: &str) -> Result<SocketAddr> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().with_context(|| {
+        format!("{flag}: {s:?} is neither PORT nor ADDR:PORT (e.g. 127.0.0.1:10809)")
+    })
+}
+
+/// The running daemon, shared by its servers.
+pub struct Daemon {
+    pool: Pool,
+    pool_dir: PathBuf,
+    run_dir: PathBuf,
+    started: Instant,
+    attachments: Mutex<BTreeMap<String, Attachment>>,
+    endpoints: Mutex<Vec<(String, String)>>,
+}
+
+impl Daemon {
+    /// The pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The pool directory.
+    pub fn pool_dir(&self) -> &Path {
+        &self.pool_dir
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Seconds since start.
+    pub fn uptime(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// What the daemon serves where: (what, address).
+    pub fn endpoints(&self) -> Vec<(String, String)> {
+        self.endpoints.lock().clone()
+    }
+
+    /// Current attachments: device name -> attachment.
+    pub fn attachments(&self) -> Vec<(String, PathBuf, bool)> {
+        self.attachments
+            .lock()
+            .iter()
+            .map(|(n, a)| (n.clone(), a.dev_path(), a.read_only()))
+            .collect()
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
+    let mut cache = CacheConfig {
+        mode: CacheMode::Shared,
+        ..CacheConfig::default()
+    };
+    if let Some(s) = &args.cache_size {
+        cache.size = parse_size("--cache-size", s)?;
+    }
+    let nbd_tcp = args
+        .nbd_tcp
+        .as_deref()
+        .map(|a| tcp_addr("--nbd-tcp", a))
+        .transpose()?;
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(|a| tcp_addr("--metrics", a))
+        .transpose()?;
+    crate::cli::require_dir(pool_dir).context("starting the daemon")?;
+    prepare_run_dir(run_dir)?;
+    let pool = Pool::open_with(pool_dir, cache)
+        .with_context(|| format!("opening pool {}", pool_dir.display()))?;
+    let pool_dir = std::fs::canonicalize(pool_dir).context("resolving the pool directory")?;
+    let daemon = Arc::new(Daemon {
+        pool,
+        pool_dir,
+        run_dir: run_dir.to_path_buf(),
+        started: Instant::now(),
+        attachments: Mutex::new(BTreeMap::new()),
+        endpoints: Mutex::new(Vec::new()),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hpmapper-daemon")
+        .build()
+        .context("starting the async runtime")?;
+    let served = rt.block_on(serve(
+        daemon.clone(),
+        args.nbd_unix.clone(),
+        nbd_tcp,
+        metrics,
+    ));
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    let closed = shutdown(daemon);
+    served.and(closed)
+}
+
+/// The run directory: created 0700 if missing; refused if another daemon answers there.
+fn prepare_run_dir(run_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", run_dir.display()))?;
+    let sock = run_dir.join(crate::control::SOCKET);
+    if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+        bail!(
+            "another hpmapper daemon is running with run directory {} (its control socket answers)",
+            run_dir.display()
+        );
+    }
+    Ok(())
+}
+
+async fn serve(
+    d: Arc<Daemon>,
+    nbd_unix: Option<PathBuf>,
+    nbd_tcp: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    let control = control_server::bind(&d.run_dir.join(crate::control::SOCKET))?;
+    d.endpoints.lock().push((
+        "control".into(),
+        d.run_dir.join(crate::control::SOCKET).display().to_string(),
+    ));
+    tasks.spawn(control_server::serve(d.clone(), control, stop.clone()));
+    if let Some(addr) = metrics {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+        d.endpoints.lock().push((
+            "metrics".into(),
+            format!("http://{}/metrics", l.local_addr()?),
+        ));
+        tasks.spawn(metrics::serve(d.clone(), l, stop.clone()));
+    }
+    attach::start_servers(&d, &mut tasks, nbd_unix, nbd_tcp, stop.clone()).await?;
+    tracing::info!(pool = %d.pool_dir.display(), run_dir = %d.run_dir.display(), "hpmapper daemon ready");
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        Some(r) = tasks.join_next() => {
+            // A server ended on its own: that is an error worth stopping for.
+            let _ = stop_tx.send(true);
+            r.context("a server task panicked")??;
+            bail!("a server stopped unexpectedly");
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.context("a server task panicked").and_then(|r| r) {
+            tracing::warn!("while stopping: {e:#}");
+        }
+    }
+    Ok(())
+}
+
+/// Detaches everything, then flushes, checkpoints and releases the pool.
+fn shutdown(d: Arc<Daemon>) -> Result<()> {
+    attach::detach_all(&d);
+    let _ = std::fs::remove_file(d.run_dir.join(crate::control::SOCKET));
+    let d = Arc::try_unwrap(d)
+        .map_err(|_| anyhow::anyhow!("a server still holds the daemon at shutdown"))?;
+    d.pool.close().context("closing the pool")?;
+    tracing::info!("pool closed cleanly");
+    Ok(())
+}
