@@ -1,0 +1,158 @@
+//! Cache benchmarks (run with `scripts/bench/cache`): the eviction policy against plain LRU
+//! on a mixed trace, and the cached 4 KiB read path against memcpy of the same bytes.
+//!
+//! Everything runs on memory backends through the public API, so the numbers are about the
+//! cache and the read path, not a disk. Peers run interleaved, 5 rounds, medians reported.
+
+use hpm_engine::{CacheConfig, CachePolicy, Pool, PoolOptions, PoolStorage};
+use hpm_io::MemBackend;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::hint::black_box;
+use std::time::Instant;
+
+const B: u64 = 4096;
+const ROUNDS: usize = 5;
+
+fn pool(cache: CacheConfig, capacity: u64) -> Pool {
+    let s = PoolStorage {
+        superblock: Box::new(MemBackend::new()),
+        meta: [Box::new(MemBackend::new()), Box::new(MemBackend::new())],
+        data: Box::new(MemBackend::new()),
+    };
+    let opts = PoolOptions { cache, ..PoolOptions::default() };
+    Pool::create_on(s, &opts, capacity, String::new(), None).expect("pool")
+}
+
+fn fill(p: &Pool, name: &str, size: u64) {
+    p.create_device(name, size).unwrap();
+    let d = p.open_device(name).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut rng = SmallRng::seed_from_u64(size);
+    for off in (0..size).step_by(buf.len()) {
+        rng.fill(&mut buf[..]);
+        d.write_at(&buf, off).unwrap();
+    }
+}
+
+struct Mixed {
+    hot_hit: f64,
+    all_hit: f64,
+    ops_per_s: f64,
+}
+
+/// A hot set (64 MiB image shared by 8 clones, read at random) mixed 1:4 with a 1 GiB scan
+/// of another device, through a 128 MiB cache.
+fn mixed(policy: CachePolicy) -> Mixed {
+    let cache = CacheConfig { size: 128 << 20, policy, ..CacheConfig::default() };
+    let p = pool(cache, 2 << 30);
+    let hot = 64u64 << 20;
+    fill(&p, "image", hot);
+    for k in 0..8 {
+        p.snapshot("image", &format!("c{k}"), false).unwrap();
+    }
+    fill(&p, "scan", 1 << 30);
+    let clones: Vec<_> = (0..8).map(|k| p.open_device(&format!("c{k}")).unwrap()).collect();
+    let scan = p.open_device("scan").unwrap();
+    let mut rng = SmallRng::seed_from_u64(1);
+    let mut buf = vec![0u8; B as usize];
+    // Warm the hot set once.
+    for b in 0..hot / B {
+        clones[0].read_at(&mut buf, b * B).unwrap();
+    }
+    let (mut hot_hits, mut hot_total) = (0u64, 0u64);
+    let start_stats = p.cache_stats();
+    let t = Instant::now();
+    let mut ops = 0u64;
+    let mut scan_pos = 0u64;
+    for i in 0..400_000u64 {
+        if i % 5 == 0 {
+            let before = p.cache_stats().hits;
+            let d = &clones[rng.random_range(0..8)];
+            d.read_at(&mut buf, rng.random_range(0..hot / B) * B).unwrap();
+            hot_hits += p.cache_stats().hits - before;
+            hot_total += 1;
+        } else {
+            scan.read_at(&mut buf, scan_pos * B).unwrap();
+            scan_pos = (scan_pos + 1) % ((1 << 30) / B);
+        }
+        ops += 1;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let s = p.cache_stats();
+    let hits = s.hits - start_stats.hits;
+    let misses = s.misses - start_stats.misses;
+    Mixed { hot_hit: hot_hits as f64 / hot_total as f64, all_hit: hits as f64 / (hits + misses) as f64, ops_per_s: ops as f64 / secs }
+}
+
+/// 4 KiB reads of cached blocks at random over 64 MiB, per second; and memcpy of 4 KiB from
+/// a 64 MiB buffer at the same offsets.
+fn cached_reads() -> (f64, f64) {
+    let p = pool(CacheConfig::default(), 1 << 30);
+    let size = 64u64 << 20;
+    fill(&p, "d", size);
+    let d = p.open_device("d").unwrap();
+    let mut buf = vec![0u8; B as usize];
+    for b in 0..size / B {
+        d.read_at(&mut buf, b * B).unwrap();
+    }
+    let n = 1_000_000u64;
+    let offs: Vec<u64> = {
+        let mut rng = SmallRng::seed_from_u64(2);
+        (0..n).map(|_| rng.random_range(0..size / B) * B).collect()
+    };
+    let t = Instant::now();
+    for &o in &offs {
+        d.read_at(&mut buf, o).unwrap();
+        black_box(&buf);
+    }
+    let ours = n as f64 / t.elapsed().as_secs_f64();
+    let src = vec![7u8; size as usize];
+    let t = Instant::now();
+    for &o in &offs {
+        buf.copy_from_slice(&src[o as usize..(o + B) as usize]);
+        black_box(&buf);
+    }
+    let limit = n as f64 / t.elapsed().as_secs_f64();
+    (ours, limit)
+}
+
+fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` style probes: nothing to list.
+    }
+    let mut s3 = Vec::new();
+    let mut lru = Vec::new();
+    let mut ours = Vec::new();
+    let mut limit = Vec::new();
+    for _ in 0..ROUNDS {
+        s3.push(mixed(CachePolicy::S3Fifo));
+        lru.push(mixed(CachePolicy::Lru));
+        let (o, l) = cached_reads();
+        ours.push(o);
+        limit.push(l);
+    }
+    println!("## Eviction policy on a mixed trace\n");
+    println!("64 MiB hot set shared by 8 clones (20% of reads, uniform) mixed with a sequential 1 GiB scan of another device (80%), 128 MiB cache, 400,000 4 KiB reads per round, {ROUNDS} interleaved rounds; medians (min-max).\n");
+    println!("| policy | hot-set hit ratio | overall hit ratio | reads/s |");
+    println!("|---|---|---|---|");
+    for (name, v) in [("S3-FIFO, sharing-aware (ours)", &s3), ("LRU", &lru)] {
+        let h = median(v.iter().map(|m| m.hot_hit).collect());
+        let a = median(v.iter().map(|m| m.all_hit).collect());
+        let o = median(v.iter().map(|m| m.ops_per_s).collect());
+        println!("| {name} | {:.1}% ({:.1}-{:.1}) | {:.1}% | {:.0} ({:.0}-{:.0}) |", h.0 * 100.0, h.1 * 100.0, h.2 * 100.0, a.0 * 100.0, o.0, o.1, o.2);
+    }
+    let o = median(ours);
+    let l = median(limit);
+    println!("\n## Cached 4 KiB read path\n");
+    println!("1,000,000 random 4 KiB reads of cached blocks over 64 MiB through `Device::read_at`, against memcpy of 4 KiB from a 64 MiB buffer at the same offsets (the limit); one thread.\n");
+    println!("| path | reads/s (median, min-max) | GiB/s | vs memcpy |");
+    println!("|---|---|---|---|");
+    println!("| hpmapper cached read | {:.0} ({:.0}-{:.0}) | {:.2} | {:.1}% |", o.0, o.1, o.2, o.0 * 4096.0 / (1u64 << 30) as f64, o.0 / l.0 * 100.0);
+    println!("| memcpy | {:.0} ({:.0}-{:.0}) | {:.2} | 100% |", l.0, l.1, l.2, l.0 * 4096.0 / (1u64 << 30) as f64);
+}
