@@ -20,7 +20,10 @@ fn pool(cache: CacheConfig, capacity: u64) -> Pool {
         meta: [Box::new(MemBackend::new()), Box::new(MemBackend::new())],
         data: Box::new(MemBackend::new()),
     };
-    let opts = PoolOptions { cache, ..PoolOptions::default() };
+    let opts = PoolOptions {
+        cache,
+        ..PoolOptions::default()
+    };
     Pool::create_on(s, &opts, capacity, String::new(), None).expect("pool")
 }
 
@@ -44,7 +47,11 @@ struct Mixed {
 /// A hot set (64 MiB image shared by 8 clones, read at random) mixed 1:4 with a 1 GiB scan
 /// of another device, through a 128 MiB cache.
 fn mixed(policy: CachePolicy) -> Mixed {
-    let cache = CacheConfig { size: 128 << 20, policy, ..CacheConfig::default() };
+    let cache = CacheConfig {
+        size: 128 << 20,
+        policy,
+        ..CacheConfig::default()
+    };
     let p = pool(cache, 2 << 30);
     let hot = 64u64 << 20;
     fill(&p, "image", hot);
@@ -52,7 +59,9 @@ fn mixed(policy: CachePolicy) -> Mixed {
         p.snapshot("image", &format!("c{k}"), false).unwrap();
     }
     fill(&p, "scan", 1 << 30);
-    let clones: Vec<_> = (0..8).map(|k| p.open_device(&format!("c{k}")).unwrap()).collect();
+    let clones: Vec<_> = (0..8)
+        .map(|k| p.open_device(&format!("c{k}")).unwrap())
+        .collect();
     let scan = p.open_device("scan").unwrap();
     let mut rng = SmallRng::seed_from_u64(1);
     let mut buf = vec![0u8; B as usize];
@@ -69,7 +78,8 @@ fn mixed(policy: CachePolicy) -> Mixed {
         if i % 5 == 0 {
             let before = p.cache_stats().hits;
             let d = &clones[rng.random_range(0..8)];
-            d.read_at(&mut buf, rng.random_range(0..hot / B) * B).unwrap();
+            d.read_at(&mut buf, rng.random_range(0..hot / B) * B)
+                .unwrap();
             hot_hits += p.cache_stats().hits - before;
             hot_total += 1;
         } else {
@@ -82,7 +92,11 @@ fn mixed(policy: CachePolicy) -> Mixed {
     let s = p.cache_stats();
     let hits = s.hits - start_stats.hits;
     let misses = s.misses - start_stats.misses;
-    Mixed { hot_hit: hot_hits as f64 / hot_total as f64, all_hit: hits as f64 / (hits + misses) as f64, ops_per_s: ops as f64 / secs }
+    Mixed {
+        hot_hit: hot_hits as f64 / hot_total as f64,
+        all_hit: hits as f64 / (hits + misses) as f64,
+        ops_per_s: ops as f64 / secs,
+    }
 }
 
 /// 4 KiB reads of cached blocks at random over 64 MiB, per second; and memcpy of 4 KiB from
@@ -145,7 +159,16 @@ fn main() {
         let h = median(v.iter().map(|m| m.hot_hit).collect());
         let a = median(v.iter().map(|m| m.all_hit).collect());
         let o = median(v.iter().map(|m| m.ops_per_s).collect());
-        println!("| {name} | {:.1}% ({:.1}-{:.1}) | {:.1}% | {:.0} ({:.0}-{:.0}) |", h.0 * 100.0, h.1 * 100.0, h.2 * 100.0, a.0 * 100.0, o.0, o.1, o.2);
+        println!(
+            "| {name} | {:.1}% ({:.1}-{:.1}) | {:.1}% | {:.0} ({:.0}-{:.0}) |",
+            h.0 * 100.0,
+            h.1 * 100.0,
+            h.2 * 100.0,
+            a.0 * 100.0,
+            o.0,
+            o.1,
+            o.2
+        );
     }
     let o = median(ours);
     let l = median(limit);
@@ -153,6 +176,19 @@ fn main() {
     println!("1,000,000 random 4 KiB reads of cached blocks over 64 MiB through `Device::read_at`, against memcpy of 4 KiB from a 64 MiB buffer at the same offsets (the limit); one thread.\n");
     println!("| path | reads/s (median, min-max) | GiB/s | vs memcpy |");
     println!("|---|---|---|---|");
-    println!("| hpmapper cached read | {:.0} ({:.0}-{:.0}) | {:.2} | {:.1}% |", o.0, o.1, o.2, o.0 * 4096.0 / (1u64 << 30) as f64, o.0 / l.0 * 100.0);
-    println!("| memcpy | {:.0} ({:.0}-{:.0}) | {:.2} | 100% |", l.0, l.1, l.2, l.0 * 4096.0 / (1u64 << 30) as f64);
+    println!(
+        "| hpmapper cached read | {:.0} ({:.0}-{:.0}) | {:.2} | {:.1}% |",
+        o.0,
+        o.1,
+        o.2,
+        o.0 * 4096.0 / (1u64 << 30) as f64,
+        o.0 / l.0 * 100.0
+    );
+    println!(
+        "| memcpy | {:.0} ({:.0}-{:.0}) | {:.2} | 100% |",
+        l.0,
+        l.1,
+        l.2,
+        l.0 * 4096.0 / (1u64 << 30) as f64
+    );
 }
