@@ -132,6 +132,34 @@ impl Counters {
 
 type Key = (u32, u64);
 
+/// A cheap hasher for block keys (multiply-rotate, as FxHash): keys are integers chosen by
+/// the engine, not by clients, so a DoS-resistant hash buys nothing here.
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7cc1_b727_220a_95);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
+type FastSet<K> = HashSet<K, std::hash::BuildHasherDefault<KeyHasher>>;
+
 /// A read in flight: the first reader of a block fills it, later ones wait.
 struct Flight {
     result: Mutex<Option<Result<Arc<[u8]>, String>>>,
@@ -167,16 +195,16 @@ enum Slot {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<Key, Slot>,
+    map: FastMap<Key, Slot>,
     small: VecDeque<(Key, u64)>,
     main: VecDeque<(Key, u64)>,
     ghost: VecDeque<Key>,
-    ghost_set: HashSet<Key>,
+    ghost_set: FastSet<Key>,
     small_len: usize,
     main_len: usize,
     next_gen: u64,
     /// Per-device mode: the devices holding a copy of each physical block.
-    owners: HashMap<u64, Vec<u32>>,
+    owners: FastMap<u64, Vec<u32>>,
 }
 
 /// The cache of one pool.
@@ -491,7 +519,11 @@ impl BlockCache {
                 }
             }
             match sh.map.get_mut(&(owner, p)) {
-                Some(Slot::Ready(e)) => e.data = Arc::from(blk),
+                // Rewritten in place unless a reader still holds the old contents.
+                Some(Slot::Ready(e)) => match Arc::get_mut(&mut e.data) {
+                    Some(buf) => buf.copy_from_slice(blk),
+                    None => e.data = Arc::from(blk),
+                },
                 Some(Slot::Loading(_)) => {
                     self.drop_entry(&mut sh, (owner, p));
                 }
