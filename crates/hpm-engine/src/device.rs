@@ -164,6 +164,9 @@ impl Device {
         }
         let len = buf.len() as u64;
         let cb = inner.geo.chunk_blocks;
+        if off.checked_add(len).is_none() {
+            return Err(self.range_error(off, len, self.size()));
+        }
         let (first, last) = (off / B, (off + len - 1) / B);
         // Held across the data I/O: the blocks planned cannot be reused until it is dropped.
         let _gate = inner.gate.read();

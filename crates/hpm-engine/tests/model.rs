@@ -214,6 +214,37 @@ proptest! {
 }
 
 #[test]
+fn out_of_range_io_is_refused_not_overflowed() {
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 4 << 20);
+    pool.create_device("a", 1 << 20).unwrap();
+    let d = pool.open_device("a").unwrap();
+    let mut buf = [0u8; 16];
+    for off in [u64::MAX - 10, u64::MAX, (1 << 20) - 8, 1 << 20] {
+        assert_eq!(
+            d.read_at(&mut buf, off).unwrap_err().kind(),
+            ErrorKind::Invalid,
+            "read at {off}"
+        );
+        assert_eq!(
+            d.write_at(&buf, off).unwrap_err().kind(),
+            ErrorKind::Invalid,
+            "write at {off}"
+        );
+        assert_eq!(
+            d.discard(off, 16).unwrap_err().kind(),
+            ErrorKind::Invalid,
+            "discard at {off}"
+        );
+        assert_eq!(
+            d.write_zeroes(off, 16).unwrap_err().kind(),
+            ErrorKind::Invalid,
+            "zeroes at {off}"
+        );
+    }
+}
+
+#[test]
 fn snapshot_chain_of_depth_64_and_fan_out() {
     let disks = Disks::mem();
     let pool = disks.create(&small_opts(), 64 << 20);

@@ -8,10 +8,13 @@
 
 mod checked;
 mod file;
+mod io_flusher;
+pub mod loopdev;
 mod memory;
 
 pub use checked::Checked;
 pub use file::FileBackend;
+pub use io_flusher::{is_io_flusher, set_io_flusher};
 pub use memory::MemBackend;
 
 use std::io;

@@ -1,23 +1,30 @@
-//! Attachments and export servers: FUSE device files, loop devices over them, and the NBD
-//! server. (Wired to hpm-fuse and hpm-nbd.)
+//! Attachments and export servers: the FUSE mount with one file per exported device, loop
+//! devices over those files, and the NBD server.
+//!
+//! Locking: the attachment table is held only to look up or update it; loop ioctls and mkfs
+//! run outside it, and never on a FUSE worker (control requests run on their own blocking
+//! threads), so I/O the daemon causes on its own devices cannot deadlock.
 
 use super::Daemon;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use hpm_io::loopdev::{self, LoopDevice};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 
-/// One device attached as a kernel block device.
+/// One device attached as a kernel block device: a loop device over its FUSE file.
 pub struct Attachment {
-    dev_path: PathBuf,
+    dev: LoopDevice,
     read_only: bool,
 }
 
 impl Attachment {
     /// /dev/loopN.
     pub fn dev_path(&self) -> PathBuf {
-        self.dev_path.clone()
+        self.dev.path().to_path_buf()
     }
     /// Attached read-only.
     pub fn read_only(&self) -> bool {
@@ -25,20 +32,91 @@ impl Attachment {
     }
 }
 
-/// Starts the export servers.
+/// Mounts the FUSE export and starts the NBD server.
 pub async fn start_servers(
-    _d: &Arc<Daemon>,
-    _tasks: &mut tokio::task::JoinSet<Result<()>>,
-    _nbd_unix: Option<PathBuf>,
-    _nbd_tcp: Option<SocketAddr>,
-    _stop: watch::Receiver<bool>,
+    d: &Arc<Daemon>,
+    tasks: &mut tokio::task::JoinSet<Result<()>>,
+    nbd_unix: Option<PathBuf>,
+    nbd_tcp: Option<SocketAddr>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    let mnt = d.run_dir.join("dev");
+    std::fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
+    let fuse = hpm_fuse::FuseExport::mount(&mnt, &hpm_fuse::FuseOptions::default())
+        .with_context(|| format!("mounting the FUSE device files at {}", mnt.display()))?;
+    if !fuse.io_flusher() {
+        tracing::warn!("FUSE workers run without PR_SET_IO_FLUSHER (needs CAP_SYS_RESOURCE): heavy writeback under memory pressure could stall");
+    }
+    d.endpoints
+        .lock()
+        .push(("devices".into(), mnt.display().to_string()));
+    *d.fuse.lock() = Some(fuse);
+    let server = Arc::new(hpm_nbd::NbdServer::new(d.pool.clone()));
+    *d.nbd.lock() = Some(server.clone());
+    // The NBD server has its own shutdown signal; relay ours to it.
+    let nbd_stop = hpm_nbd::Shutdown::new();
+    {
+        let nbd_stop = nbd_stop.clone();
+        tasks.spawn(async move {
+            let _ = stop.changed().await;
+            nbd_stop.trigger();
+            Ok(())
+        });
+    }
+    let unix = nbd_unix.unwrap_or_else(|| d.run_dir.join("nbd.sock"));
+    let l = hpm_nbd::bind_unix(&unix)
+        .with_context(|| format!("binding the NBD socket {}", unix.display()))?;
+    d.endpoints.lock().push((
+        "nbd".into(),
+        format!("nbd+unix:///<device>?socket={}", unix.display()),
+    ));
+    {
+        let (server, stop) = (server.clone(), nbd_stop.clone());
+        tasks.spawn(async move {
+            server.serve_unix(l, stop).await;
+            Ok(())
+        });
+    }
+    if let Some(addr) = nbd_tcp {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding NBD on {addr}"))?;
+        d.endpoints.lock().push((
+            "nbd-tcp".into(),
+            format!("nbd://{}/<device>", l.local_addr()?),
+        ));
+        tasks.spawn(async move {
+            server.serve_tcp(l, nbd_stop).await;
+            Ok(())
+        });
+    }
     Ok(())
 }
 
 /// Counters of the export servers, as (metric name, value).
-pub fn server_counters(_d: &Daemon) -> Vec<(String, u64)> {
-    Vec::new()
+pub fn server_counters(d: &Daemon) -> Vec<(String, u64)> {
+    let mut v = Vec::new();
+    if let Some(f) = d.fuse.lock().as_ref() {
+        let s = f.stats();
+        v.extend([
+            ("fuse_requests_total".to_string(), s.requests),
+            ("fuse_read_bytes_total".to_string(), s.read_bytes),
+            ("fuse_write_bytes_total".to_string(), s.write_bytes),
+            ("fuse_errors_total".to_string(), s.errors),
+        ]);
+    }
+    if let Some(n) = d.nbd.lock().as_ref() {
+        let s = n.stats();
+        v.extend([
+            ("nbd_connections_open".to_string(), s.connections_open),
+            ("nbd_connections_total".to_string(), s.connections_total),
+            ("nbd_requests_total".to_string(), s.requests),
+            ("nbd_read_bytes_total".to_string(), s.bytes_read),
+            ("nbd_write_bytes_total".to_string(), s.bytes_written),
+            ("nbd_errors_total".to_string(), s.errors),
+        ]);
+    }
+    v
 }
 
 /// The export servers' counters, for `status --json`.
@@ -49,20 +127,148 @@ pub fn server_counters_json(d: &Daemon) -> serde_json::Map<String, serde_json::V
         .collect()
 }
 
-/// Detaches every attachment at shutdown.
-pub fn detach_all(_d: &Daemon) {}
+/// Detaches every attachment and unmounts the FUSE export, at shutdown.
+pub fn detach_all(d: &Daemon) {
+    let names: Vec<String> = d.attachments.lock().keys().cloned().collect();
+    for n in names {
+        if let Err(e) = d.detach(&n) {
+            tracing::warn!("at shutdown, device {n:?} stays attached: {e:#}; I/O on it will fail once the daemon exits");
+            if let Some(a) = d.attachments.lock().remove(&n) {
+                let _ = a.dev.detach();
+            }
+        }
+    }
+    if let Some(f) = d.fuse.lock().take() {
+        if let Err(e) = f.unmount() {
+            tracing::warn!("unmounting the FUSE device files: {e}");
+        }
+    }
+    d.nbd.lock().take();
+}
+
+/// Whether a block device is in use (mounted, or open exclusively): O_EXCL fails with EBUSY.
+fn in_use(dev: &Path) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_excl())
+        .open(dev)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(16),
+    }
+}
+
+const fn libc_o_excl() -> i32 {
+    0o200 // O_EXCL on Linux
+}
 
 impl Daemon {
-    /// Attaches `name` as a loop device; returns /dev/loopN.
-    pub fn attach(&self, name: &str, _read_only: bool) -> Result<PathBuf> {
-        bail!("attaching {name:?}: not supported yet")
+    fn fuse_file(&self, name: &str) -> Result<(PathBuf, bool)> {
+        let guard = self.fuse.lock();
+        let fuse = guard.as_ref().context("the FUSE export is not mounted")?;
+        if let Some(p) = fuse.path(name) {
+            return Ok((p, false));
+        }
+        let dev = self.pool.open_device(name)?;
+        Ok((
+            fuse.add(dev)
+                .with_context(|| format!("exporting device {name:?} as a file"))?,
+            true,
+        ))
     }
-    /// Detaches `name`'s loop device.
+
+    fn unexport(&self, name: &str) {
+        if let Some(f) = self.fuse.lock().as_ref() {
+            if let Err(e) = f.remove_timeout(name, Duration::from_secs(5)) {
+                tracing::warn!("removing the FUSE file of {name:?}: {e}");
+            }
+        }
+    }
+
+    /// Attaches `name` as a loop device (direct I/O, 4096-byte blocks, autoclear) over its
+    /// FUSE file; returns /dev/loopN.
+    pub fn attach(&self, name: &str, read_only: bool) -> Result<PathBuf> {
+        if let Some(a) = self.attachments.lock().get(name) {
+            bail!(
+                "device {name:?} is already attached as {}",
+                a.dev.path().display()
+            );
+        }
+        let read_only = read_only || self.pool.device_info(name)?.read_only;
+        let (file, added) = self.fuse_file(name)?;
+        let dev = match loopdev::attach(&file, read_only) {
+            Ok(d) => d,
+            Err(e) => {
+                if added {
+                    self.unexport(name);
+                }
+                return Err(e)
+                    .with_context(|| format!("attaching a loop device to {}", file.display()));
+            }
+        };
+        let path = dev.path().to_path_buf();
+        let mut table = self.attachments.lock();
+        if table.contains_key(name) {
+            drop(table);
+            let _ = dev.detach();
+            bail!("device {name:?} was attached concurrently");
+        }
+        table.insert(name.to_string(), Attachment { dev, read_only });
+        tracing::info!(device = name, block_device = %path.display(), read_only, "attached");
+        Ok(path)
+    }
+
+    /// Detaches `name`'s loop device and removes its FUSE file; refused while it is mounted.
     pub fn detach(&self, name: &str) -> Result<()> {
-        bail!("detaching {name:?}: not supported yet")
+        let a = self
+            .attachments
+            .lock()
+            .remove(name)
+            .with_context(|| format!("device {name:?} is not attached"))?;
+        if in_use(a.dev.path()) {
+            let path = a.dev.path().display().to_string();
+            self.attachments.lock().insert(name.to_string(), a);
+            bail!("device {name:?} ({path}) is in use (mounted?); unmount it first");
+        }
+        a.dev
+            .detach()
+            .with_context(|| format!("detaching the loop device of {name:?}"))?;
+        self.unexport(name);
+        tracing::info!(device = name, "detached");
+        Ok(())
     }
-    /// Makes ext4 on `name`.
+
+    /// Makes an ext4 filesystem with 4096-byte blocks on `name` (its loop device if
+    /// attached, else its FUSE file).
     pub fn mkfs(&self, name: &str) -> Result<()> {
-        bail!("mkfs on {name:?}: not supported yet")
+        let attached = self
+            .attachments
+            .lock()
+            .get(name)
+            .map(|a| a.dev.path().to_path_buf());
+        let (target, added) = match attached {
+            Some(p) => (p, false),
+            None => self.fuse_file(name)?,
+        };
+        if self.pool.device_info(name)?.read_only {
+            bail!("device {name:?} is read-only");
+        }
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096", "-E", "nodiscard"])
+            .arg(&target)
+            .output()
+            .context("running mkfs.ext4 (install e2fsprogs)");
+        if added {
+            self.unexport(name);
+        }
+        let out = out?;
+        if !out.status.success() {
+            bail!(
+                "mkfs.ext4 on {} failed: {}",
+                target.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 }

@@ -57,6 +57,8 @@ pub struct Daemon {
     started: Instant,
     attachments: Mutex<BTreeMap<String, Attachment>>,
     endpoints: Mutex<Vec<(String, String)>>,
+    fuse: Mutex<Option<hpm_fuse::FuseExport>>,
+    nbd: Mutex<Option<Arc<hpm_nbd::NbdServer>>>,
 }
 
 impl Daemon {
@@ -126,6 +128,8 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
         started: Instant::now(),
         attachments: Mutex::new(BTreeMap::new()),
         endpoints: Mutex::new(Vec::new()),
+        fuse: Mutex::new(None),
+        nbd: Mutex::new(None),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

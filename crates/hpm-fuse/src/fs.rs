@@ -1,0 +1,552 @@
+//! The FUSE request handlers: one directory, one regular file per exported device.
+//!
+//! This module owns turning FUSE requests into device calls and engine errors into errno (in
+//! exactly one function, [`errno`]). It must never hold a lock of ours across device I/O and
+//! never wait for the control plane (see `table`'s locking argument); it never caches data
+//! (every file is opened with `FOPEN_DIRECT_IO`, and the writeback cache is never asked for).
+//!
+//! File semantics, chosen to be those of a block device:
+//! - size = the device's size; mode 0600 (0400 if read-only), owner root;
+//! - reads past the end return what is left (0 bytes at or after the end); writes are cut at
+//!   the end (a short write), and a write starting at or after it fails with `ENOSPC`;
+//! - the size never changes: `truncate` to another size fails with `EPERM`, a setattr that
+//!   changes nothing (or only the times, which are ignored) succeeds;
+//! - `fsync`/`fdatasync` flush the device (durability); `close` (FUSE flush) does not;
+//! - fallocate `PUNCH_HOLE|KEEP_SIZE` discards (unaligned edges are zeroed), `ZERO_RANGE`
+//!   writes zeros (unmapping whole blocks); every other mode, including plain allocation, is
+//!   `EOPNOTSUPP`.
+
+use crate::stats::Counters;
+use crate::table::{Entry, OpenError, Shared, ROOT_INO};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
+};
+use std::cell::RefCell;
+use std::ffi::OsStr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Attributes and entries are not cached by the kernel: sizes can change (engine resize) and
+/// names can be removed and added again; lookups are rare next to data requests.
+const TTL: Duration = Duration::ZERO;
+const BLOCK: u64 = 4096;
+/// Most background requests (loop's asynchronous direct I/O) the kernel keeps in flight.
+const MAX_BACKGROUND: u16 = 64;
+
+const FALLOC_FL_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+const FALLOC_FL_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+const FALLOC_FL_ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+
+/// The one place an engine error becomes an errno for FUSE.
+pub(crate) fn errno(e: &hpm_engine::Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+thread_local! {
+    /// A worker's read buffer, grown to the largest read it served. `Device::read_at` fills
+    /// every byte it is given, so it is never cleared.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+pub(crate) struct DeviceFs {
+    shared: Arc<Shared>,
+    max_write: u32,
+}
+
+impl DeviceFs {
+    pub fn new(shared: Arc<Shared>, max_write: u32) -> Self {
+        Self { shared, max_write }
+    }
+
+    fn count(&self, c: &AtomicU64, n: u64) {
+        Counters::add(c, n);
+    }
+
+    fn request(&self) {
+        self.count(&self.shared.counters.requests, 1);
+    }
+
+    /// Counts and logs a failed device call; returns its errno.
+    fn failed(&self, op: &str, e: &Entry, off: u64, err: &hpm_engine::Error) -> Errno {
+        self.count(&self.shared.counters.errors, 1);
+        tracing::warn!(
+            device = e.device.name(),
+            op,
+            offset = off,
+            "FUSE request failed: {err}"
+        );
+        errno(err)
+    }
+
+    fn refuse(&self, errno: Errno) -> Errno {
+        self.count(&self.shared.counters.errors, 1);
+        errno
+    }
+
+    fn dir_attr(&self) -> FileAttr {
+        let t = self.shared.mounted_at;
+        FileAttr {
+            ino: INodeNo(ROOT_INO),
+            size: 0,
+            blocks: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: FileType::Directory,
+            perm: 0o755,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: BLOCK as u32,
+            flags: 0,
+        }
+    }
+
+    fn file_attr(&self, e: &Entry) -> FileAttr {
+        let size = e.device.size();
+        FileAttr {
+            ino: INodeNo(e.ino),
+            size,
+            // As if fully allocated: tools that guess sparseness from st_blocks must read
+            // every byte.
+            blocks: size.div_ceil(512),
+            atime: e.added,
+            mtime: e.added,
+            ctime: e.added,
+            crtime: e.added,
+            kind: FileType::RegularFile,
+            perm: if e.device.read_only() { 0o400 } else { 0o600 },
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: self.max_write,
+            flags: 0,
+        }
+    }
+
+    fn attr_of(&self, ino: INodeNo) -> Option<FileAttr> {
+        if ino.0 == ROOT_INO {
+            return Some(self.dir_attr());
+        }
+        self.shared.by_ino(ino.0).map(|e| self.file_attr(&e))
+    }
+
+    /// The entry of an open handle (the I/O path: one shared lookup, no other lock).
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Entry>, Errno> {
+        self.shared.handle(fh.0).ok_or(Errno::EBADF)
+    }
+
+    fn fallocate_inner(&self, fh: FileHandle, off: u64, len: u64, mode: i32) -> Result<(), Errno> {
+        let punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+        let zero = mode & !FALLOC_FL_KEEP_SIZE == FALLOC_FL_ZERO_RANGE;
+        if mode != punch && !zero {
+            // Plain allocation (mode 0) too: a thin device cannot reserve space.
+            return Err(self.refuse(Errno::EOPNOTSUPP));
+        }
+        let e = self.handle(fh)?;
+        let size = e.device.size();
+        let end = off.checked_add(len).ok_or(Errno::EINVAL)?;
+        if end > size && mode & FALLOC_FL_KEEP_SIZE == 0 {
+            // Would grow the file.
+            return Err(self.refuse(Errno::EFBIG));
+        }
+        let (off, end) = (off.min(size), end.min(size));
+        let len = end - off;
+        let c = &self.shared.counters;
+        if mode == punch {
+            self.count(&c.discards, 1);
+            self.count(&c.discard_bytes, len);
+            // Discard unmaps whole blocks only; a hole must read as zeros, so unaligned edges
+            // are zeroed too (write_zeroes does both).
+            let r = if off % BLOCK == 0 && len % BLOCK == 0 {
+                e.device.discard(off, len)
+            } else {
+                e.device.write_zeroes(off, len)
+            };
+            r.map_err(|err| self.failed("punch hole", &e, off, &err))
+        } else {
+            self.count(&c.zero_ranges, 1);
+            self.count(&c.zero_bytes, len);
+            e.device
+                .write_zeroes(off, len)
+                .map_err(|err| self.failed("zero range", &e, off, &err))
+        }
+    }
+}
+
+impl Filesystem for DeviceFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(self.max_write) {
+            tracing::warn!(
+                wanted = self.max_write,
+                nearest,
+                "FUSE max_write out of range; using the nearest"
+            );
+            let _ = config.set_max_write(nearest);
+        }
+        // Several direct I/O requests of one file in flight at once (loop submits async I/O).
+        if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
+            tracing::info!("the kernel has no FUSE_ASYNC_DIO: direct I/O is serialized");
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        // FUSE_WRITEBACK_CACHE is never requested: no double caching, fsync is a barrier.
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.request();
+        if parent.0 != ROOT_INO {
+            return reply.error(Errno::ENOENT);
+        }
+        match name.to_str().and_then(|n| self.shared.by_file(n)) {
+            Some(e) => reply.entry(&TTL, &self.file_attr(&e), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.request();
+        match self.attr_of(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        self.request();
+        let Some(attr) = self.attr_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        // Only changes are refused: a setattr that restates the attributes (or touches only
+        // the times, which are not kept) succeeds.
+        let changes = mode.is_some_and(|m| m & 0o7777 != u32::from(attr.perm))
+            || uid.is_some_and(|u| u != attr.uid)
+            || gid.is_some_and(|g| g != attr.gid)
+            || size.is_some_and(|s| s != attr.size);
+        if changes {
+            return reply.error(self.refuse(Errno::EPERM));
+        }
+        reply.attr(&TTL, &attr);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.request();
+        if ino.0 == ROOT_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        match self.shared.open(ino.0, write) {
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
+            ),
+            Err(OpenError::NotFound) => reply.error(Errno::ENOENT),
+            Err(OpenError::ReadOnly) => reply.error(self.refuse(Errno::EROFS)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.request();
+        let e = match self.handle(fh) {
+            Ok(e) => e,
+            Err(errno) => return reply.error(errno),
+        };
+        let dev_size = e.device.size();
+        let len = u64::from(size).min(dev_size.saturating_sub(offset)) as usize;
+        let c = &self.shared.counters;
+        self.count(&c.reads, 1);
+        c.request_size(u64::from(size));
+        if len == 0 {
+            return reply.data(&[]);
+        }
+        READ_BUF.with_borrow_mut(|buf| {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let buf = &mut buf[..len];
+            match e.device.read_at(buf, offset) {
+                Ok(()) => {
+                    self.count(&c.read_bytes, len as u64);
+                    reply.data(buf)
+                }
+                Err(err) => reply.error(self.failed("read", &e, offset, &err)),
+            }
+        })
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.request();
+        let e = match self.handle(fh) {
+            Ok(e) => e,
+            Err(errno) => return reply.error(errno),
+        };
+        let c = &self.shared.counters;
+        self.count(&c.writes, 1);
+        c.request_size(data.len() as u64);
+        let dev_size = e.device.size();
+        if offset >= dev_size && !data.is_empty() {
+            return reply.error(self.refuse(Errno::ENOSPC));
+        }
+        let len = (data.len() as u64).min(dev_size - offset.min(dev_size)) as usize;
+        match e.device.write_at(&data[..len], offset) {
+            Ok(()) => {
+                self.count(&c.write_bytes, len as u64);
+                reply.written(len as u32)
+            }
+            Err(err) => reply.error(self.failed("write", &e, offset, &err)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2): no durability promise, so no device flush (fsync is the barrier).
+        self.request();
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.request();
+        self.shared.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.request();
+        let e = match self.handle(fh) {
+            Ok(e) => e,
+            Err(errno) => return reply.error(errno),
+        };
+        self.count(&self.shared.counters.flushes, 1);
+        match e.device.flush() {
+            Ok(()) => reply.ok(),
+            Err(err) => reply.error(self.failed("fsync", &e, 0, &err)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        self.request();
+        if ino.0 != ROOT_INO {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let dots = [(1, ROOT_INO, "."), (2, ROOT_INO, "..")];
+        for (cookie, ino, name) in dots {
+            if cookie > offset && reply.add(INodeNo(ino), cookie, FileType::Directory, name) {
+                return reply.ok();
+            }
+        }
+        for (cookie, ino, name) in self.shared.entries_after(offset) {
+            if reply.add(INodeNo(ino), cookie, FileType::RegularFile, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // The directory has no state of its own to make durable.
+        self.request();
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.request();
+        let (bytes, files) = self.shared.totals();
+        // bsize 4096: the loop driver takes its discard granularity from it.
+        let b = BLOCK as u32;
+        reply.statfs(bytes / BLOCK, 0, 0, files, 0, b, 255, b);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        self.request();
+        match self.attr_of(ino) {
+            Some(_) => reply.ok(),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.request();
+        reply.error(Errno::EPERM);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.request();
+        reply.error(Errno::EPERM);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        // Devices leave the directory through the export's `remove`, never through unlink.
+        self.request();
+        reply.error(Errno::EPERM);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.request();
+        reply.error(Errno::EPERM);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        self.request();
+        reply.error(Errno::EPERM);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.request();
+        match self.fallocate_inner(fh, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hpm_engine::{Error, ErrorKind};
+
+    #[test]
+    fn every_engine_error_kind_has_its_errno() {
+        let table = [
+            (ErrorKind::Io, libc::EIO),
+            (ErrorKind::Corrupt, libc::EIO),
+            (ErrorKind::NoSpace, libc::ENOSPC),
+            (ErrorKind::NotFound, libc::ENOENT),
+            (ErrorKind::Exists, libc::EEXIST),
+            (ErrorKind::Busy, libc::EBUSY),
+            (ErrorKind::Invalid, libc::EINVAL),
+            (ErrorKind::ReadOnly, libc::EROFS),
+            (ErrorKind::Unsupported, libc::EOPNOTSUPP),
+        ];
+        for (kind, want) in table {
+            assert_eq!(
+                errno(&Error::new(kind, "x")),
+                Errno::from_i32(want),
+                "{kind:?}"
+            );
+        }
+    }
+}

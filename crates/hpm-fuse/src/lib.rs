@@ -1,0 +1,278 @@
+//! FUSE export: one regular file per attached device in a directory we mount, so that a loop
+//! device (see `hpm_io::loopdev`) can turn each device into a kernel block device on any Linux
+//! with FUSE and loop.
+//!
+//! This crate owns the mount, the directory of device files and the request handlers. It must
+//! never reach into the engine (it uses `hpm_engine::Device` only), never cache data (direct
+//! I/O, no writeback cache), and never make a FUSE worker wait for the control plane: the
+//! daemon's own threads may do I/O on a filesystem that sits on one of its devices (mkfs,
+//! untar, fsync) while the workers serve it, in the same process.
+//!
+//! How a daemon uses it:
+//!
+//! ```no_run
+//! # fn demo(pool: &hpm_engine::Pool) -> std::io::Result<()> {
+//! use hpm_fuse::{FuseExport, FuseOptions};
+//! let export = FuseExport::mount("/run/hpmapper/dev".as_ref(), &FuseOptions::default())?;
+//! let dev = pool.open_device("default/1/sha256:ab").map_err(std::io::Error::other)?;
+//! let file = export.add(dev)?; // /run/hpmapper/dev/default%2F1%2Fsha256%3Aab
+//! let lo = hpm_io::loopdev::attach(&file, false)?; // direct I/O, 4096-byte blocks, autoclear
+//! // mkfs / mount lo.path() ..., then drop `lo`: the mount keeps the loop device alive and
+//! // the device detaches by itself after umount.
+//! drop(lo);
+//! // ... umount ...
+//! let dev = export.remove_timeout("default/1/sha256:ab", std::time::Duration::from_secs(5))?;
+//! drop(dev); // now the engine can delete the device
+//! export.unmount()?;
+//! # Ok(()) }
+//! ```
+//!
+//! Shutdown: [`FuseExport::unmount`] (or drop) unmounts and joins the workers when no device
+//! file is open. If one is (a loop device still attached), the mount is detached lazily
+//! instead: it leaves the namespace at once, the workers keep serving the open files until
+//! the last one is closed and then end by themselves. If the process exits meanwhile, every
+//! loop device and mount on top gets I/O errors, so detach loop devices first.
+
+mod fs;
+mod name;
+mod stats;
+mod table;
+
+pub use name::{device_name, file_name};
+pub use stats::FuseStats;
+
+use hpm_engine::Device;
+use rustix::mount::{unmount, UnmountFlags};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use table::Shared;
+
+/// Options of [`FuseExport::mount`].
+#[derive(Debug, Clone)]
+pub struct FuseOptions {
+    /// FUSE worker threads, each reading requests from its own `/dev/fuse` descriptor
+    /// (`FUSE_DEV_IOC_CLONE`). Requests are handled synchronously, so this is also the number
+    /// of device requests in flight. Default 8.
+    pub threads: usize,
+    /// Largest read or write request in bytes (`max_write`; `max_pages` follows). Default
+    /// 1 MiB, the loop driver's practical request size.
+    pub max_write: u32,
+    /// Let users other than the mounting one use the files (`allow_other`). Default off: the
+    /// daemon and the kernel's loop driver act as root.
+    pub allow_other: bool,
+    /// Source name shown in /proc/mounts. Default "hpmapper".
+    pub fs_name: String,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        Self {
+            threads: 8,
+            max_write: 1 << 20,
+            allow_other: false,
+            fs_name: "hpmapper".to_string(),
+        }
+    }
+}
+
+/// One exported device, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedDevice {
+    /// Device name.
+    pub name: String,
+    /// Its file name in the export directory (see [`file_name`]).
+    pub file_name: String,
+    /// Full path of the file.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether the file refuses writes.
+    pub read_only: bool,
+    /// Open handles of the file (a loop device holds one).
+    pub open_handles: u32,
+}
+
+/// A mounted FUSE export. Dropping it unmounts (lazily if files are open).
+pub struct FuseExport {
+    shared: Arc<Shared>,
+    session: Option<JoinHandle<io::Result<()>>>,
+    io_flusher: bool,
+}
+
+impl FuseExport {
+    /// Mounts an empty export directory at `mountpoint` (created if missing) and starts the
+    /// worker threads. A stale FUSE mount left there by a crashed process (`ENOTCONN`) is
+    /// detached first. Needs root (or `/dev/fuse` access and `fusermount3`).
+    pub fn mount(mountpoint: &Path, opts: &FuseOptions) -> io::Result<FuseExport> {
+        clear_stale_mount(mountpoint);
+        std::fs::create_dir_all(mountpoint).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("creating FUSE mount point {}: {e}", mountpoint.display()),
+            )
+        })?;
+        let mountpoint = mountpoint.canonicalize()?;
+        let shared = Arc::new(Shared::new(mountpoint.clone()));
+        let fs = fs::DeviceFs::new(shared.clone(), opts.max_write);
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(opts.fs_name.clone()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoExec,
+            fuser::MountOption::NoAtime,
+        ];
+        config.acl = if opts.allow_other {
+            fuser::SessionACL::All
+        } else {
+            fuser::SessionACL::Owner
+        };
+        config.n_threads = Some(opts.threads.max(1));
+        config.clone_fd = true;
+        // Mounts and answers the kernel's INIT before returning.
+        let session = fuser::Session::new(fs, &mountpoint, &config).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("mounting the FUSE export at {}: {e}", mountpoint.display()),
+            )
+        })?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let session = std::thread::Builder::new()
+            .name("hpm-fuse".to_string())
+            .spawn(move || {
+                // IMPORTANT: before the workers exist, so that they inherit the state (the
+                // kernel copies PF_MEMALLOC_NOIO to threads created afterwards).
+                let r = hpm_io::set_io_flusher();
+                if let Err(e) = &r {
+                    tracing::warn!(
+                        "FUSE workers run without PR_SET_IO_FLUSHER ({e}): under memory \
+                         pressure, writeback to loop devices on this export can deadlock; \
+                         run as root with CAP_SYS_RESOURCE on Linux 5.6+"
+                    );
+                }
+                let _ = tx.send(r.is_ok());
+                session.run()
+            })?;
+        let io_flusher = rx.recv().unwrap_or(false);
+        Ok(FuseExport {
+            shared,
+            session: Some(session),
+            io_flusher,
+        })
+    }
+
+    /// Whether the worker threads are in the `IO_FLUSHER` state (see
+    /// `hpm_io::set_io_flusher`). False when the process lacks `CAP_SYS_RESOURCE` (some
+    /// containers drop it even for root) or the kernel is older than 5.6; the export works,
+    /// but writeback under memory pressure could then deadlock.
+    pub fn io_flusher(&self) -> bool {
+        self.io_flusher
+    }
+
+    /// The export directory.
+    pub fn mountpoint(&self) -> &Path {
+        &self.shared.mountpoint
+    }
+
+    /// Exports `device` as a file; returns its path. Fails with `AlreadyExists` if a device
+    /// of that name (or one mapping to the same file name) is exported; the handle is then
+    /// dropped.
+    pub fn add(&self, device: Device) -> io::Result<PathBuf> {
+        self.shared.add(device)
+    }
+
+    /// Takes device `name` out of the export and hands its handle back. Fails with
+    /// `ResourceBusy` (`EBUSY`) while its file is open. The kernel releases a file
+    /// asynchronously after its last close (a loop device's after it detaches), so right
+    /// after a `umount` prefer [`FuseExport::remove_timeout`].
+    pub fn remove(&self, name: &str) -> io::Result<Device> {
+        self.shared.remove(name, Duration::ZERO)
+    }
+
+    /// [`FuseExport::remove`], waiting up to `timeout` for the file to be closed.
+    pub fn remove_timeout(&self, name: &str, timeout: Duration) -> io::Result<Device> {
+        self.shared.remove(name, timeout)
+    }
+
+    /// Path of device `name`'s file, if exported.
+    pub fn path(&self, name: &str) -> Option<PathBuf> {
+        self.shared.path(name)
+    }
+
+    /// Every exported device, by name.
+    pub fn list(&self) -> Vec<ExportedDevice> {
+        self.shared.list()
+    }
+
+    /// Request counters since mount.
+    pub fn stats(&self) -> FuseStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Unmounts and waits for the workers to end. If a device file is still open, detaches
+    /// the mount lazily (see the crate doc) and returns `ResourceBusy` saying which.
+    pub fn unmount(mut self) -> io::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let mp = &self.shared.mountpoint;
+        match unmount(mp, UnmountFlags::empty()) {
+            // EINVAL: no longer a mount point (someone unmounted it); the workers have ended.
+            Ok(()) | Err(rustix::io::Errno::INVAL) => match session.join() {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::other("a FUSE worker thread panicked")),
+            },
+            Err(e) => {
+                let lazy = unmount(mp, UnmountFlags::DETACH);
+                // The session thread is left running: it ends when the last file closes.
+                drop(session);
+                let open: Vec<String> = self
+                    .list()
+                    .into_iter()
+                    .filter(|d| d.open_handles > 0)
+                    .map(|d| d.name)
+                    .collect();
+                let how = match lazy {
+                    Ok(()) => "detached it lazily: open files stay served until closed".to_string(),
+                    Err(l) => format!("lazy unmount failed too: {l}"),
+                };
+                Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!(
+                        "unmounting FUSE export {}: {e} (open device files: {open:?}); {how}",
+                        mp.display()
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for FuseExport {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// Detaches a FUSE mount whose server is gone (stat fails with `ENOTCONN`).
+fn clear_stale_mount(mountpoint: &Path) {
+    if let Err(e) = std::fs::metadata(mountpoint) {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            tracing::warn!(
+                "detaching the stale FUSE mount at {} (its server exited)",
+                mountpoint.display()
+            );
+            let _ = unmount(mountpoint, UnmountFlags::DETACH);
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! The device files themselves, without a loop device: block-device semantics (size, short
+//! writes at the end, no resize), fallocate modes, fsync, read-only devices, remove while
+//! open, names, request sizes, worker threads. Needs root and /dev/fuse.
+
+mod common;
+
+use common::*;
+use hpm_fuse::{FuseExport, FuseOptions};
+use rustix::fs::{fallocate, FallocateFlags};
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const SIZE: u64 = 16 * MIB;
+
+fn errno_of(e: std::io::Error) -> i32 {
+    e.raw_os_error()
+        .unwrap_or_else(|| panic!("not an OS error: {e}"))
+}
+
+#[test]
+fn device_files_behave_like_block_devices() {
+    if !requirements("device file semantics", false, &[]) {
+        return;
+    }
+    let env = Env::new(&FuseOptions {
+        threads: 4,
+        ..Default::default()
+    });
+    let path = env.device("a/b c", SIZE);
+    assert_eq!(path.file_name().unwrap(), "a%2Fb%20c");
+    let md = fs::metadata(&path).unwrap();
+    assert!(md.is_file());
+    assert_eq!(md.len(), SIZE);
+    assert_eq!(md.mode() & 0o7777, 0o600);
+    assert_eq!((md.uid(), md.gid()), (0, 0));
+    let names: Vec<String> = fs::read_dir(env.export.mountpoint())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["a%2Fb%20c".to_string()]);
+
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut buf = vec![0u8; 8192];
+    f.write_all_at(&[1u8; 8192], 4096).unwrap();
+    f.read_exact_at(&mut buf, 4096).unwrap();
+    assert!(buf.iter().all(|&b| b == 1));
+    // Unwritten space reads as zeros.
+    f.read_exact_at(&mut buf, 8 * MIB).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+
+    // The end is a wall: short write across it, ENOSPC at it, short read, EOF after.
+    assert_eq!(f.write_at(&[2u8; 8192], SIZE - 4096).unwrap(), 4096);
+    assert_eq!(
+        errno_of(f.write_at(&[2u8; 10], SIZE).unwrap_err()),
+        libc::ENOSPC
+    );
+    assert_eq!(f.read_at(&mut buf, SIZE - 100).unwrap(), 100);
+    assert!(buf[..100].iter().all(|&b| b == 2));
+    assert_eq!(f.read_at(&mut buf, SIZE).unwrap(), 0);
+
+    // No resize, no chmod; restating the size is fine.
+    f.set_len(SIZE).unwrap();
+    assert_eq!(errno_of(f.set_len(SIZE / 2).unwrap_err()), libc::EPERM);
+    assert_eq!(errno_of(f.set_len(SIZE * 2).unwrap_err()), libc::EPERM);
+    let e = fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap_err();
+    assert_eq!(errno_of(e), libc::EPERM);
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().len(), SIZE);
+
+    // Names come and go only through the export.
+    assert_eq!(errno_of(fs::remove_file(&path).unwrap_err()), libc::EPERM);
+    let e = fs::write(env.export.mountpoint().join("new"), b"x").unwrap_err();
+    assert_eq!(errno_of(e), libc::EPERM);
+
+    // fallocate: punch hole (aligned and not), zero range, and nothing else.
+    let base = env.export.stats();
+    f.write_all_at(&vec![0xAA; 64 << 10], MIB).unwrap();
+    fallocate(
+        &f,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        MIB,
+        8192,
+    )
+    .unwrap();
+    fallocate(
+        &f,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        MIB + 16384 + 100,
+        5000,
+    )
+    .unwrap();
+    fallocate(&f, FallocateFlags::ZERO_RANGE, MIB + 32768 + 7, 3).unwrap();
+    let mut got = vec![0u8; 64 << 10];
+    f.read_exact_at(&mut got, MIB).unwrap();
+    for (i, &b) in got.iter().enumerate() {
+        let zero =
+            i < 8192 || (16384 + 100..16384 + 5100).contains(&i) || (32775..32778).contains(&i);
+        assert_eq!(b, if zero { 0 } else { 0xAA }, "byte {i}");
+    }
+    let e = fallocate(&f, FallocateFlags::empty(), 0, 4096).unwrap_err();
+    assert_eq!(e.raw_os_error(), libc::EOPNOTSUPP);
+    let e = fallocate(&f, FallocateFlags::ZERO_RANGE, SIZE - 4096, 8192).unwrap_err();
+    assert_eq!(e.raw_os_error(), libc::EFBIG);
+    // Past the end with KEEP_SIZE: cut at the end, as a regular file does.
+    fallocate(
+        &f,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        SIZE - 4096,
+        1 << 30,
+    )
+    .unwrap();
+    let st = env.export.stats();
+    assert_eq!(st.discards - base.discards, 3);
+    assert_eq!(st.zero_ranges - base.zero_ranges, 1);
+
+    // fsync flushes the device; close does not.
+    let before = env.export.stats().flushes;
+    f.sync_all().unwrap();
+    f.sync_data().unwrap();
+    assert_eq!(env.export.stats().flushes - before, 2);
+
+    // One 1 MiB O_DIRECT write arrives as one request (max_write 1 MiB negotiated).
+    {
+        let d = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .unwrap();
+        let mut raw = vec![0x5Au8; 3 * MIB as usize];
+        let at = raw.as_ptr().align_offset(4096);
+        d.write_all_at(&raw[at..at + MIB as usize], 4 * MIB)
+            .unwrap();
+        raw.clear();
+    }
+    assert_eq!(env.export.stats().largest_request, MIB);
+
+    // Read-only snapshot: 0400, EROFS for writers, same data for readers.
+    env.pool.snapshot("a/b c", "a/b c@ro", true).unwrap();
+    let ro = env
+        .export
+        .add(env.pool.open_device("a/b c@ro").unwrap())
+        .unwrap();
+    assert_eq!(fs::metadata(&ro).unwrap().mode() & 0o7777, 0o400);
+    let e = OpenOptions::new().write(true).open(&ro).unwrap_err();
+    assert_eq!(errno_of(e), libc::EROFS);
+    let r = fs::File::open(&ro).unwrap();
+    r.read_exact_at(&mut buf, 4096).unwrap();
+    assert!(buf.iter().all(|&b| b == 1));
+
+    // Adding a name twice is refused; list shows both with their open handles.
+    let dup = env.export.add(env.pool.open_device("a/b c").unwrap());
+    assert_eq!(dup.unwrap_err().kind(), ErrorKind::AlreadyExists);
+    let list = env.export.list();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0].name, "a/b c");
+    assert_eq!(list[0].open_handles, 1);
+    assert_eq!(list[1].name, "a/b c@ro");
+    assert!(list[1].read_only);
+    assert_eq!(env.export.path("a/b c@ro"), Some(ro.clone()));
+
+    // Busy while open; removable once closed; the name is then gone from the directory.
+    // (Device has no Debug, hence err().unwrap().)
+    let e = env.export.remove("a/b c").err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::ResourceBusy, "{e}");
+    drop(f);
+    drop(r);
+    let dev = env
+        .export
+        .remove_timeout("a/b c", Duration::from_secs(5))
+        .ok()
+        .unwrap();
+    assert_eq!(dev.name(), "a/b c");
+    assert_eq!(errno_of(fs::metadata(&path).unwrap_err()), libc::ENOENT);
+    assert_eq!(
+        env.export.remove("a/b c").err().unwrap().kind(),
+        ErrorKind::NotFound
+    );
+    // Added again, under the same name, with its data.
+    assert_eq!(env.export.add(dev).unwrap(), path);
+    let f = fs::File::open(&path).unwrap();
+    f.read_exact_at(&mut buf, 4096).unwrap();
+    assert!(buf.iter().all(|&b| b == 1));
+    drop(f);
+
+    let st = env.export.stats();
+    assert!(st.errors >= 7, "{st:?}");
+    assert!(st.requests > st.reads + st.writes, "{st:?}");
+}
+
+#[test]
+fn workers_are_io_flushers_where_permitted() {
+    if !requirements("FUSE worker IO_FLUSHER", false, &[]) {
+        return;
+    }
+    let env = Env::new(&FuseOptions {
+        threads: 3,
+        ..Default::default()
+    });
+    if !env.export.io_flusher() {
+        // Not a missing test requirement but a documented degradation (containers may drop
+        // CAP_SYS_RESOURCE even for root): the export must still work.
+        let e = hpm_io::set_io_flusher().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+        eprintln!("note: no CAP_SYS_RESOURCE here; FUSE workers run without IO_FLUSHER");
+        return;
+    }
+    let path = env.device("x", MIB);
+    // Served by a worker, so the session runs; the others start around the same time.
+    fs::metadata(&path).unwrap();
+    // PF_MEMALLOC_NOIO, set by PR_SET_IO_FLUSHER (with PF_LOCAL_THROTTLE).
+    const PF_MEMALLOC_NOIO: u64 = 0x0008_0000;
+    let mut workers = 0;
+    for _ in 0..200 {
+        workers = 0;
+        for task in fs::read_dir("/proc/self/task").unwrap() {
+            let dir = task.unwrap().path();
+            let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
+                continue;
+            };
+            if !comm.starts_with("fuser-") {
+                continue;
+            }
+            let stat = fs::read_to_string(dir.join("stat")).unwrap();
+            // Fields after "(comm)": state ppid pgrp session tty tpgid flags ...
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let flags: u64 = rest.split(' ').nth(6).unwrap().parse().unwrap();
+            assert_ne!(flags & PF_MEMALLOC_NOIO, 0, "{comm} flags {flags:#x}");
+            workers += 1;
+        }
+        if workers >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(workers >= 3, "found {workers} FUSE worker threads");
+}
+
+#[test]
+fn unmount_with_an_open_file_detaches_lazily() {
+    if !requirements("lazy unmount", false, &[]) {
+        return;
+    }
+    let env = Env::new(&FuseOptions::default());
+    let path = env.device("held", MIB);
+    let mountpoint = env.export.mountpoint().to_path_buf();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let Env { export, pool, dir } = env;
+    let e = export.unmount().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceBusy, "{e}");
+    assert!(e.to_string().contains("held"), "{e}");
+    // Out of the namespace at once ...
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(mountpoint.to_str().unwrap()),
+        "still mounted: {mounts}"
+    );
+    // ... while the open file is still served.
+    f.write_all_at(b"still here", 0).unwrap();
+    let mut buf = [0u8; 10];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"still here");
+    drop(f);
+    drop(pool);
+    drop(dir);
+}
+
+/// The server of `a_new_mount_replaces_a_dead_one`, run by that test in a child process
+/// and killed there; does nothing when run by the test harness itself.
+#[test]
+fn dead_server_child() {
+    let Ok(mp) = std::env::var(DEAD_SERVER) else {
+        return;
+    };
+    let export = FuseExport::mount(Path::new(&mp), &FuseOptions::default()).unwrap();
+    println!("mounted");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+    drop(export);
+}
+
+const DEAD_SERVER: &str = "HPM_FUSE_TEST_DEAD_SERVER";
+
+/// Kills the child server and detaches its mount, also if the test fails.
+struct ChildGuard(std::process::Child, PathBuf);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = rustix::mount::unmount(&self.1, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+#[test]
+fn a_new_mount_replaces_a_dead_one() {
+    if !requirements("stale mount", false, &[]) {
+        return;
+    }
+    let env = Env::new(&FuseOptions::default());
+    let mp = env.path("stale");
+    fs::create_dir(&mp).unwrap();
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["dead_server_child", "--exact", "--nocapture"])
+        .env(DEAD_SERVER, &mp)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut guard = ChildGuard(child, mp.clone());
+    let out = guard.0.stdout.take().unwrap();
+    let mounted = BufReader::new(out)
+        .lines()
+        .any(|l| l.is_ok_and(|l| l.contains("mounted")));
+    assert!(mounted, "the child server did not mount");
+    // The daemon crashes: its /dev/fuse descriptor closes, the mount stays, dead.
+    guard.0.kill().unwrap();
+    guard.0.wait().unwrap();
+    assert_eq!(errno_of(fs::metadata(&mp).unwrap_err()), libc::ENOTCONN);
+
+    // The restarted daemon mounts at the same place.
+    let export = FuseExport::mount(&mp, &FuseOptions::default()).unwrap();
+    env.pool.create_device("again", MIB).unwrap();
+    let path = export.add(env.pool.open_device("again").unwrap()).unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().len(), MIB);
+    export.unmount().unwrap();
+    // Nothing is left mounted there: neither ours nor the dead one.
+    assert!(fs::read_dir(&mp).unwrap().next().is_none());
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(mp.to_str().unwrap()), "{mounts}");
+    drop(guard);
+}

@@ -1,0 +1,58 @@
+//! Request validation, without sockets or devices.
+
+use super::*;
+use crate::errors::{nbd_errno, EINVAL, ENOSPC, EPERM};
+
+fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
+    Request {
+        flags,
+        kind,
+        handle: 9,
+        offset,
+        length,
+    }
+}
+
+fn errno_of(r: &Request, size: u64, read_only: bool) -> Option<u32> {
+    prepare(r, size, read_only, vec![0; r.length as usize])
+        .err()
+        .map(|f| nbd_errno(op_of(r.kind), &f))
+}
+
+#[test]
+fn requests_are_checked_against_the_export() {
+    const S: u64 = 1 << 20;
+    let table: &[(Request, bool, Option<u32>)] = &[
+        (req(cmd::READ, 0, 0, 4096), false, None),
+        (req(cmd::READ, cflag::DF | cflag::FUA, S - 1, 1), true, None),
+        (req(cmd::READ, 0, S - 1, 2), false, Some(EINVAL)),
+        (req(cmd::READ, 0, u64::MAX, 1), false, Some(EINVAL)),
+        (
+            req(cmd::READ, 0, 0, proto::MAX_PAYLOAD + 1),
+            false,
+            Some(EINVAL),
+        ),
+        (req(cmd::READ, cflag::NO_HOLE, 0, 1), false, Some(EINVAL)),
+        (req(cmd::WRITE, cflag::FUA, 0, 512), false, None),
+        (req(cmd::WRITE, 0, S, 1), false, Some(ENOSPC)),
+        (req(cmd::WRITE, 0, 0, 1), true, Some(EPERM)),
+        (req(cmd::WRITE, 1 << 15, 0, 1), false, Some(EINVAL)),
+        (req(cmd::TRIM, 0, 0, S as u32), false, None),
+        (req(cmd::TRIM, 0, 0, u32::MAX), false, Some(EINVAL)),
+        (req(cmd::TRIM, 0, 0, 4096), true, Some(EPERM)),
+        (
+            req(cmd::WRITE_ZEROES, cflag::NO_HOLE | cflag::FUA, 0, 8),
+            false,
+            None,
+        ),
+        (req(cmd::WRITE_ZEROES, 0, 0, u32::MAX), false, Some(ENOSPC)),
+        (req(cmd::WRITE_ZEROES, 0, 0, 1), true, Some(EPERM)),
+        (req(cmd::FLUSH, 0, 0, 0), true, None),
+        (req(5, 0, 0, 0), false, Some(EINVAL)), // CACHE: not offered
+        (req(7, 0, 0, 0), false, Some(EINVAL)), // BLOCK_STATUS: not offered
+        (req(0xffff, 0, 0, 0), false, Some(EINVAL)),
+    ];
+    for (r, ro, want) in table {
+        assert_eq!(errno_of(r, S, *ro), *want, "{r:?} read_only={ro}");
+    }
+}

@@ -1,0 +1,261 @@
+//! The server: accept loops for Unix and TCP listeners, one task per connection, and the
+//! Unix socket helper.
+//!
+//! This module owns connection lifetimes: each connection is a task in the accept loop's
+//! `JoinSet`, so `serve_*` returns only after every connection (and every device handle it
+//! opened) is gone, and the caller may then close the pool. It must never let one
+//! connection's failure (protocol violation, socket error, even a panic) stop the loop.
+
+use crate::handshake::{self, End};
+use crate::stats::{Counters, NbdStats};
+use crate::{transmission, Shutdown};
+use hpm_engine::Pool;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinSet;
+
+/// Read buffer per connection (request headers are read through it).
+const READ_BUFFER: usize = 128 << 10;
+/// Write buffer per connection (replies are batched through it).
+const WRITE_BUFFER: usize = 64 << 10;
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// An NBD server exporting every device of a pool; the export name is the device name.
+/// Cheap to clone; clones share the pool and the counters.
+#[derive(Clone)]
+pub struct NbdServer {
+    pool: Pool,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServer")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl NbdServer {
+    /// A server for `pool`'s devices. Devices are looked up when a client connects, so
+    /// devices created later are served too.
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// Counters since the server was created.
+    pub fn stats(&self) -> NbdStats {
+        self.counters.snapshot()
+    }
+
+    /// Serves connections from `listener` until `shutdown` is triggered, then waits for
+    /// every connection to finish its requests in flight and close. Accept errors (such as
+    /// running out of file descriptors) are logged and retried, never fatal.
+    pub async fn serve_unix(&self, listener: UnixListener, shutdown: Shutdown) {
+        self.serve(Listener::Unix(listener), shutdown).await
+    }
+
+    /// As `serve_unix`, for TCP. NBD has no authentication here: bind only addresses the
+    /// clients are trusted on.
+    pub async fn serve_tcp(&self, listener: TcpListener, shutdown: Shutdown) {
+        self.serve(Listener::Tcp(listener), shutdown).await
+    }
+
+    /// Serves one already-connected stream (e.g. a socket-activated or in-process client)
+    /// until it closes or `shutdown` is triggered.
+    pub async fn serve_stream<S>(&self, stream: S, shutdown: Shutdown)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (r, w) = tokio::io::split(stream);
+        self.connection(r, w, shutdown).await
+    }
+
+    async fn serve(&self, listener: Listener, shutdown: Shutdown) {
+        let mut conns = JoinSet::new();
+        loop {
+            // Reap finished connections so the set does not grow with the total count.
+            while let Some(res) = conns.try_join_next() {
+                log_join(res);
+            }
+            let accepted = tokio::select! {
+                _ = shutdown.triggered() => break,
+                a = accept(&listener) => a,
+            };
+            match accepted {
+                Ok(Accepted::Unix(s)) => {
+                    let (r, w) = s.into_split();
+                    let (me, sd) = (self.clone(), shutdown.clone());
+                    conns.spawn(async move { me.connection(r, w, sd).await });
+                }
+                Ok(Accepted::Tcp(s)) => {
+                    // Replies are batched already; do not let Nagle delay the last one.
+                    let _ = s.set_nodelay(true);
+                    let (r, w) = s.into_split();
+                    let (me, sd) = (self.clone(), shutdown.clone());
+                    conns.spawn(async move { me.connection(r, w, sd).await });
+                }
+                Err(e) => {
+                    tracing::warn!("NBD server: accepting a connection failed: {e}; retrying");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+        while let Some(res) = conns.join_next().await {
+            log_join(res);
+        }
+    }
+
+    /// One connection: handshake, then transmission. Never returns an error: whatever
+    /// ends the connection is logged and counted here.
+    async fn connection<R, W>(&self, r: R, w: W, shutdown: Shutdown)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let _open = self.counters.connection();
+        let mut r = BufReader::with_capacity(READ_BUFFER, r);
+        let mut w = BufWriter::with_capacity(WRITE_BUFFER, w);
+        let negotiated = tokio::select! {
+            res = handshake::negotiate(&mut r, &mut w, &self.pool) => res,
+            _ = shutdown.triggered() => return,
+        };
+        let end = match negotiated {
+            Ok(export) => {
+                let name = export.device.name().to_string();
+                tracing::debug!(export = %name, "NBD client entered transmission");
+                transmission::serve(&mut r, &mut w, export, &self.counters, &shutdown).await
+            }
+            Err(end) => Err(end),
+        };
+        match end {
+            Ok(()) | Err(End::Closed) => {}
+            Err(End::Violation(why)) => {
+                Counters::add(&self.counters.protocol_errors, 1);
+                tracing::info!("NBD client broke the protocol ({why}); connection closed");
+            }
+            Err(End::Io(e)) => tracing::debug!("NBD connection ended: {e}"),
+        }
+    }
+}
+
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn accept(l: &Listener) -> io::Result<Accepted> {
+    match l {
+        Listener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
+    }
+}
+
+fn log_join(res: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = res {
+        if e.is_panic() {
+            tracing::error!("an NBD connection task panicked: {e}; other connections go on");
+        }
+    }
+}
+
+/// Binds a Unix socket at `path` with mode 0600 (owner only), ready for `serve_unix`.
+///
+/// A stale socket left at `path` by a previous run is removed; a socket that still accepts
+/// connections is not (`AddrInUse`), nor is anything that is not a socket
+/// (`AlreadyExists`). The socket is bound under a temporary name, restricted, and then
+/// renamed into place, so it is never reachable with looser permissions. Must be called
+/// within a tokio runtime.
+pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{} is in use by a running server; stop it first",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                ),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let file_name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} has no file name", path.display()),
+        )
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_unix_restricts_replaces_stale_and_refuses_live_or_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let live = bind_unix(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+        // Still accepting: refused.
+        let e = bind_unix(&path).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        // Stale (its listener gone, the file left behind): replaced.
+        drop(live);
+        assert!(path.exists());
+        let _again = bind_unix(&path).unwrap();
+        // Not a socket: left alone.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"keep").unwrap();
+        let e = bind_unix(&file).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+    }
+}

@@ -1,0 +1,289 @@
+//! The transmission phase of one connection: many requests in flight, replies as they
+//! complete.
+//!
+//! This module owns the request pipeline. A reader parses requests and has `command`
+//! validate them; the blocking device call runs on tokio's blocking pool; a writer, the only owner of the write half, sends replies in completion
+//! order from a channel. Two semaphores bound what a connection holds: `MAX_IN_FLIGHT`
+//! requests and `MAX_IN_FLIGHT_BYTES` of payload (write data read, read data not yet
+//! sent); their permits travel with the reply and are released once it is written.
+//!
+//! Ordering: a reply is sent only after its device call returned, so a FLUSH (a pool-wide
+//! commit) covers every write the client has seen completed; a FUA write flushes before
+//! its reply. It must never read a WRITE payload it cannot bound (more than `MAX_PAYLOAD`
+//! closes the connection), never send a simple reply with data when structured replies
+//! were negotiated, and never panic on anything the client sends.
+
+use crate::command::{execute, op_of, prepare};
+use crate::errors::{nbd_errno, Failure};
+use crate::handshake::{End, Export};
+use crate::proto::{self, chunk, cmd, Request};
+use crate::stats::Counters;
+use crate::Shutdown;
+use hpm_engine::Device;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+
+/// Requests in flight per connection.
+pub(crate) const MAX_IN_FLIGHT: usize = 64;
+/// Payload bytes held per connection; at least `MAX_PAYLOAD`, so any one request fits.
+pub(crate) const MAX_IN_FLIGHT_BYTES: u32 = 2 * proto::MAX_PAYLOAD;
+/// How long replies may take to drain after shutdown before a client that does not read
+/// them is cut off.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A finished request on its way to the writer.
+struct Done {
+    handle: u64,
+    offset: u64,
+    is_read: bool,
+    /// The data of a successful READ (empty otherwise), or why the request failed.
+    result: Result<Vec<u8>, (u32, String)>,
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+}
+
+/// Serves requests until the client disconnects, breaks the protocol, or `shutdown`.
+/// Returns once every request in flight has been answered (or the socket failed).
+pub(crate) async fn serve<R, W>(
+    r: &mut R,
+    w: &mut W,
+    export: Export,
+    counters: &Arc<Counters>,
+    shutdown: &Shutdown,
+) -> Result<(), End>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (tx, rx) = mpsc::unbounded_channel::<Done>();
+    let writer_failed = Notify::new();
+    let structured = export.structured;
+    let session = Session {
+        device: Arc::new(export.device),
+        counters: counters.clone(),
+        count: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        bytes: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize)),
+    };
+    let reader = async {
+        // `tx` moves in here, so the channel closes once the reader and every request in
+        // flight are done; that is what ends the writer.
+        let tx = tx;
+        tokio::select! {
+            res = session.read_requests(r, &tx) => res,
+            _ = shutdown.triggered() => Ok(()),
+            _ = writer_failed.notified() => Ok(()),
+        }
+    };
+    let writer = write_replies(w, rx, structured, &writer_failed, shutdown);
+    let (read_result, ()) = tokio::join!(reader, writer);
+    // Closing a device takes the engine's metadata lock: not on the runtime's threads.
+    let device = session.device;
+    let _ = tokio::task::spawn_blocking(move || drop(device)).await;
+    read_result
+}
+
+struct Session {
+    device: Arc<Device>,
+    counters: Arc<Counters>,
+    count: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+}
+
+impl Session {
+    async fn read_requests<R>(&self, r: &mut R, tx: &mpsc::UnboundedSender<Done>) -> Result<(), End>
+    where
+        R: AsyncRead + Unpin,
+    {
+        let read_only = self.device.read_only();
+        loop {
+            let mut hdr = [0u8; proto::REQUEST_LEN];
+            r.read_exact(&mut hdr).await?;
+            let Some(req) = Request::decode(&hdr) else {
+                return Err(End::Violation("request without the request magic".into()));
+            };
+            Counters::add(&self.counters.requests, 1);
+            if req.kind == cmd::DISC {
+                return Ok(());
+            }
+            let payload_len = match req.kind {
+                cmd::WRITE if req.length > proto::MAX_PAYLOAD => {
+                    // The payload cannot be skipped without reading it all: close.
+                    return Err(End::Violation(format!(
+                        "WRITE of {} bytes is above the maximum of {}",
+                        req.length,
+                        proto::MAX_PAYLOAD
+                    )));
+                }
+                cmd::WRITE => req.length,
+                cmd::READ if req.length <= proto::MAX_PAYLOAD => req.length,
+                _ => 0,
+            };
+            let permits = self.acquire(payload_len).await;
+            let mut payload = Vec::new();
+            if req.kind == cmd::WRITE {
+                payload = vec![0u8; req.length as usize];
+                r.read_exact(&mut payload).await?;
+            }
+            // Everything that touches the device, its size included (it takes the
+            // engine's metadata lock, which a checkpoint can hold for a while), runs on the
+            // blocking pool, never on the runtime's threads.
+            let (dev, counters, tx) = (self.device.clone(), self.counters.clone(), tx.clone());
+            tokio::task::spawn_blocking(move || {
+                let result = prepare(&req, dev.size(), read_only, payload)
+                    .and_then(|work| execute(&dev, work));
+                // Released before the reply is queued: once the writer has seen the last
+                // reply, no request holds the device, so `serve` ends with it closed.
+                drop(dev);
+                // The writer may be gone (client disconnected): nothing to tell.
+                let _ = tx.send(finish(&counters, &req, result, permits));
+            });
+        }
+    }
+
+    async fn acquire(&self, bytes: u32) -> (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>) {
+        // Neither semaphore is ever closed, so acquiring cannot fail.
+        let count = self
+            .count
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let bytes = if bytes == 0 {
+            None
+        } else {
+            Some(
+                self.bytes
+                    .clone()
+                    .acquire_many_owned(bytes)
+                    .await
+                    .expect("semaphore never closed"),
+            )
+        };
+        (count, bytes)
+    }
+}
+
+/// Counts a finished request and packs it for the writer.
+fn finish(
+    counters: &Counters,
+    req: &Request,
+    result: Result<Vec<u8>, Failure>,
+    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+) -> Done {
+    let result = match result {
+        Ok(data) => {
+            match req.kind {
+                cmd::READ => Counters::add(&counters.bytes_read, u64::from(req.length)),
+                cmd::WRITE => Counters::add(&counters.bytes_written, u64::from(req.length)),
+                _ => {}
+            }
+            Ok(data)
+        }
+        Err(f) => {
+            Counters::add(&counters.errors, 1);
+            let errno = nbd_errno(op_of(req.kind), &f);
+            tracing::debug!(
+                handle = req.handle,
+                kind = req.kind,
+                errno,
+                "NBD request failed: {f}"
+            );
+            Err((errno, f.to_string()))
+        }
+    };
+    Done {
+        handle: req.handle,
+        offset: req.offset,
+        is_read: req.kind == cmd::READ,
+        result,
+        _permits: permits,
+    }
+}
+
+/// Sends replies until the channel closes. On a socket error, or when a client still has
+/// not taken its replies `SHUTDOWN_GRACE` after shutdown, it tells the reader to stop and
+/// keeps draining the channel, so requests in flight still finish (and release the device)
+/// before the connection ends.
+async fn write_replies<W>(
+    w: &mut W,
+    mut rx: mpsc::UnboundedReceiver<Done>,
+    structured: bool,
+    failed: &Notify,
+    shutdown: &Shutdown,
+) where
+    W: AsyncWrite + Unpin,
+{
+    let give_up = async {
+        shutdown.triggered().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::pin!(give_up);
+    let mut ok = true;
+    while let Some(done) = rx.recv().await {
+        // Once `ok` is false `give_up` is never polled again (it may have completed).
+        if !ok {
+            continue;
+        }
+        let send = async {
+            write_reply(w, &done, structured).await?;
+            if rx.is_empty() {
+                w.flush().await?;
+            }
+            Ok(())
+        };
+        let res = tokio::select! {
+            r = send => r,
+            _ = &mut give_up => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not take its replies during shutdown",
+            )),
+        };
+        drop(done);
+        if let Err(e) = res {
+            tracing::debug!("NBD connection: cannot send replies: {e}");
+            ok = false;
+            failed.notify_one();
+        }
+    }
+    if ok {
+        tokio::select! {
+            _ = w.flush() => {}
+            _ = &mut give_up => {}
+        }
+    }
+}
+
+async fn write_reply<W>(w: &mut W, done: &Done, structured: bool) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    match (&done.result, structured) {
+        (Ok(data), false) => {
+            w.write_all(&proto::simple_reply(0, done.handle)).await?;
+            w.write_all(data).await
+        }
+        (Err((errno, _)), false) => w.write_all(&proto::simple_reply(*errno, done.handle)).await,
+        (Ok(data), true) if done.is_read && data.is_empty() => {
+            let h = proto::chunk_header(chunk::FLAG_DONE, chunk::NONE, done.handle, 0);
+            w.write_all(&h).await
+        }
+        (Ok(data), true) if done.is_read => {
+            let len = 8 + data.len() as u32;
+            let h = proto::chunk_header(chunk::FLAG_DONE, chunk::OFFSET_DATA, done.handle, len);
+            w.write_all(&h).await?;
+            w.write_all(&done.offset.to_be_bytes()).await?;
+            w.write_all(data).await
+        }
+        // Structured replies allow a simple reply for anything without data.
+        (Ok(_), true) => w.write_all(&proto::simple_reply(0, done.handle)).await,
+        (Err((errno, msg)), true) => {
+            w.write_all(&proto::error_chunk(done.handle, *errno, msg))
+                .await
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "transmission_tests.rs"]
+mod tests;
