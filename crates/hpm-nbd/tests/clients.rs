@@ -188,6 +188,7 @@ fn fio_random_writes_verify_at_iodepth_16() {
             "--do_verify=1",
             "--verify_fatal=1",
             "--randrepeat=0",
+            "--verify_state_save=0",
         ],
     );
     assert!(!out.contains("verify: bad"), "{out}");
