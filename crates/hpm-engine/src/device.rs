@@ -242,14 +242,16 @@ impl Device {
     fn read_block(&self, p: u64, blk: &mut [u8]) -> Result<()> {
         let inner = &*self.inner;
         let r = if inner.cache.enabled() {
-            inner
-                .cache
-                .read(self.id, p, blk, &[2], &inner.data)
-                .map(|_| ())
+            inner.cache.read(self.id, p, blk, &[2], &inner.data)
         } else {
-            inner.data.read_at(blk, p * B)
+            inner.data.read_at(blk, p * B).map(|()| B)
         };
-        r.map_err(|e| Error::io("reading a block to copy", e))
+        let bytes = r.map_err(|e| Error::io("reading a block to copy", e))?;
+        if bytes > 0 {
+            inner.stats.add(&BACKEND_READS, 1);
+            inner.stats.add(&BACKEND_READ_BYTES, bytes);
+        }
+        Ok(())
     }
 
     /// Writes whole blocks at physical block `p` and keeps the cache in step.
