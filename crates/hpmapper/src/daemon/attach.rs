@@ -41,7 +41,9 @@ pub async fn start_servers(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mnt = d.run_dir.join("dev");
-    std::fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
+    // No create_dir_all here: after a daemon was killed, `mnt` is a dead FUSE mount
+    // (ENOTCONN) and create_dir_all fails with EEXIST. `FuseExport::mount` first detaches
+    // such a stale mount, then creates the directory.
     let fuse = hpm_fuse::FuseExport::mount(&mnt, &hpm_fuse::FuseOptions::default())
         .with_context(|| format!("mounting the FUSE device files at {}", mnt.display()))?;
     if !fuse.io_flusher() {

@@ -135,12 +135,10 @@ pub async fn serve(d: Arc<Daemon>, l: TcpListener, mut stop: watch::Receiver<boo
                 let (mut s, _) = r.context("accepting on the metrics endpoint")?;
                 let d = d.clone();
                 tokio::spawn(async move {
-                    let mut req = vec![0u8; 4096];
-                    let n = match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut req)).await {
-                        Ok(Ok(n)) => n,
-                        _ => return,
+                    let Ok(Some(req)) = tokio::time::timeout(std::time::Duration::from_secs(5), read_head(&mut s)).await else {
+                        return;
                     };
-                    let ok = req[..n].starts_with(b"GET /metrics ") || req[..n].starts_with(b"GET / ");
+                    let ok = req.starts_with(b"GET /metrics ") || req.starts_with(b"GET / ");
                     let (status, body) = if ok {
                         ("200 OK", render(&d))
                     } else {
@@ -155,4 +153,21 @@ pub async fn serve(d: Arc<Daemon>, l: TcpListener, mut stop: watch::Receiver<boo
             }
         }
     }
+}
+
+/// Reads a request's head: up to the blank line that ends it, the end of the stream, or
+/// 4 KiB. One `read` is not enough: a client may send the request line in several segments
+/// (a first read of "GET " alone was answered 404 and the connection reset under the client).
+async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut req = vec![0u8; 4096];
+    let mut n = 0;
+    while n < req.len() && !req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut req[n..]).await {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(_) => return None,
+        }
+    }
+    req.truncate(n);
+    Some(req)
 }
