@@ -28,9 +28,16 @@ impl LogLevel {
 
 /// Installs the stderr subscriber: `--log-level` wins, then a valid `RUST_LOG`, then warn.
 pub fn init(level: Option<LogLevel>) {
+    // fuser logs every request it does not implement (ioctl, getxattr) at warn level, and a
+    // redundant unmount at shutdown: noise for our users, so only its errors show unless
+    // debugging.
+    let quiet = |l: &str| match l {
+        "debug" | "trace" => l.to_string(),
+        l => format!("{l},fuser=error"),
+    };
     let filter = match level {
-        Some(l) => EnvFilter::new(l.directive()),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        Some(l) => EnvFilter::new(quiet(l.directive())),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(quiet("warn"))),
     };
     // `try_init` only fails if a subscriber is already set, which leaves logging working.
     let _ = tracing_subscriber::fmt()

@@ -46,9 +46,6 @@ pub async fn start_servers(
     // such a stale mount, then creates the directory.
     let fuse = hpm_fuse::FuseExport::mount(&mnt, &hpm_fuse::FuseOptions::default())
         .with_context(|| format!("mounting the FUSE device files at {}", mnt.display()))?;
-    if !fuse.io_flusher() {
-        tracing::warn!("FUSE workers run without PR_SET_IO_FLUSHER (needs CAP_SYS_RESOURCE): heavy writeback under memory pressure could stall");
-    }
     d.endpoints
         .lock()
         .push(("devices".into(), mnt.display().to_string()));

@@ -215,6 +215,7 @@ async fn serve(
 fn shutdown(d: Arc<Daemon>) -> Result<()> {
     attach::detach_all(&d);
     let _ = std::fs::remove_file(d.run_dir.join(crate::control::SOCKET));
+    let _ = std::fs::remove_file(d.run_dir.join("nbd.sock"));
     let d = Arc::try_unwrap(d)
         .map_err(|_| anyhow::anyhow!("a server still holds the daemon at shutdown"))?;
     d.pool.close().context("closing the pool")?;
