@@ -23,8 +23,13 @@ pub enum ErrorKind {
     /// link through a symlink, a hard link to a file outside. The layer is refused.
     Escape,
     /// Something this crate or the filesystem does not support: an unknown tar entry type,
-    /// extended attributes on a filesystem without them.
+    /// extended attributes on a filesystem without them, a missing e2fsprogs tool.
     Unsupported,
+    /// In use (`EBUSY`); in the layer store: a layer is mounted, or its device is open
+    /// elsewhere.
+    Busy,
+    /// The layer store: a layer with that id already exists.
+    Exists,
 }
 
 /// An error of this crate.
@@ -66,12 +71,27 @@ impl Error {
             Some(libc_errno::ENOSPC) | Some(libc_errno::EDQUOT) => ErrorKind::NoSpace,
             Some(libc_errno::EROFS) => ErrorKind::ReadOnly,
             Some(libc_errno::EOPNOTSUPP) => ErrorKind::Unsupported,
+            Some(libc_errno::EBUSY) => ErrorKind::Busy,
             _ => ErrorKind::Io,
         };
         Self {
             kind,
             context: context.into(),
             source: Some(source),
+        }
+    }
+
+    /// An error of `kind` caused by `source` (an OS error, or another crate's error wrapped
+    /// with `io::Error::other`), for when the errno alone would give the wrong kind.
+    pub fn with_source(
+        kind: ErrorKind,
+        context: impl Into<String>,
+        source: impl Into<io::Error>,
+    ) -> Self {
+        Self {
+            kind,
+            context: context.into(),
+            source: Some(source.into()),
         }
     }
 
@@ -95,6 +115,7 @@ mod libc_errno {
     pub const EDQUOT: i32 = Errno::DQUOT.raw_os_error();
     pub const EROFS: i32 = Errno::ROFS.raw_os_error();
     pub const EOPNOTSUPP: i32 = Errno::OPNOTSUPP.raw_os_error();
+    pub const EBUSY: i32 = Errno::BUSY.raw_os_error();
 }
 
 #[cfg(test)]
@@ -110,6 +131,7 @@ mod tests {
             (Errno::DQUOT, ErrorKind::NoSpace),
             (Errno::ROFS, ErrorKind::ReadOnly),
             (Errno::OPNOTSUPP, ErrorKind::Unsupported),
+            (Errno::BUSY, ErrorKind::Busy),
             (Errno::IO, ErrorKind::Io),
             (Errno::PERM, ErrorKind::Io),
         ];
