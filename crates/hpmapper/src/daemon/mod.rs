@@ -8,6 +8,7 @@
 
 mod attach;
 mod control_server;
+mod docker;
 mod metrics;
 
 pub use attach::{server_counters_json, Attachment};
@@ -37,6 +38,13 @@ pub struct DaemonArgs {
     /// Serve Prometheus metrics over HTTP: PORT (loopback) or ADDR:PORT. Off by default.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Serve the Docker graphdriver plugin (start dockerd with `--experimental
+    /// --storage-driver NAME`, NAME being the socket's file name without `.sock`).
+    #[arg(long)]
+    docker: bool,
+    /// The graphdriver plugin socket [default: /run/docker/plugins/hpmapper.sock].
+    #[arg(long, value_name = "PATH", requires = "docker")]
+    docker_socket: Option<PathBuf>,
 }
 
 /// A TCP address from `PORT` (loopback) or `ADDR:PORT`.
@@ -59,6 +67,7 @@ pub struct Daemon {
     endpoints: Mutex<Vec<(String, String)>>,
     fuse: Mutex<Option<hpm_fuse::FuseExport>>,
     nbd: Mutex<Option<Arc<hpm_nbd::NbdServer>>>,
+    docker: Mutex<Option<Arc<docker::DockerDriver>>>,
 }
 
 impl Daemon {
@@ -130,17 +139,24 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
         endpoints: Mutex::new(Vec::new()),
         fuse: Mutex::new(None),
         nbd: Mutex::new(None),
+        docker: Mutex::new(None),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("hpmapper-daemon")
         .build()
         .context("starting the async runtime")?;
+    let docker = args.docker.then(|| {
+        args.docker_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(hpm_docker::DEFAULT_SOCKET_PATH))
+    });
     let served = rt.block_on(serve(
         daemon.clone(),
         args.nbd_unix.clone(),
         nbd_tcp,
         metrics,
+        docker,
     ));
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     let closed = shutdown(daemon);
@@ -168,6 +184,7 @@ async fn serve(
     nbd_unix: Option<PathBuf>,
     nbd_tcp: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
+    docker: Option<PathBuf>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -189,6 +206,21 @@ async fn serve(
         tasks.spawn(metrics::serve(d.clone(), l, stop.clone()));
     }
     attach::start_servers(&d, &mut tasks, nbd_unix, nbd_tcp, stop.clone()).await?;
+    if let Some(path) = docker {
+        let l = hpm_docker::bind(&path)
+            .with_context(|| format!("binding the Docker plugin socket {}", path.display()))?;
+        let driver = Arc::new(docker::DockerDriver::new(&d));
+        *d.docker.lock() = Some(driver.clone());
+        d.endpoints
+            .lock()
+            .push(("docker".into(), path.display().to_string()));
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            hpm_docker::serve(l, driver, stop)
+                .await
+                .context("the Docker plugin server")
+        });
+    }
     tracing::info!(pool = %d.pool_dir.display(), run_dir = %d.run_dir.display(), "hpmapper daemon ready");
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -213,6 +245,9 @@ async fn serve(
 
 /// Detaches everything, then flushes, checkpoints and releases the pool.
 fn shutdown(d: Arc<Daemon>) -> Result<()> {
+    if let Some(driver) = d.docker.lock().take() {
+        driver.shutdown();
+    }
     attach::detach_all(&d);
     let _ = std::fs::remove_file(d.run_dir.join(crate::control::SOCKET));
     let _ = std::fs::remove_file(d.run_dir.join("nbd.sock"));
