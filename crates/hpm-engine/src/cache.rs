@@ -10,9 +10,11 @@
 //!
 //! Eviction is S3-FIFO (a small probationary FIFO, a main FIFO with frequency-based
 //! reinsertion, and a ghost list of keys evicted from the small FIFO), made sharing-aware: a
-//! block read by a second device counts as a hit worth two, and a block already shared by
-//! several devices when it is first cached skips probation. Plain LRU is kept as a policy for
-//! the comparison in docs/benchmarks.md.
+//! block read by a device that had not read it yet counts as a hit worth two, and a block that
+//! three or more devices map skips probation. In shared mode
+//! the cache holds only blocks several devices map (the device read path sends private blocks
+//! straight to the data store). Plain LRU is kept as a policy for the comparison in
+//! docs/benchmarks.md.
 //!
 //! Locking: one mutex per shard (by physical block), never held across backend I/O. A
 //! thread resolves every block it claimed before it waits for blocks claimed by others, so
@@ -235,6 +237,13 @@ impl BlockCache {
         self.cfg.mode != CacheMode::Off && self.cfg.size >= B as u64
     }
 
+    /// Whether reads of a block that `sharers` devices map go through the cache: in shared
+    /// mode only blocks several devices share (the dedup is for them; a private block is
+    /// cached once by the host page cache anyway), in per-device mode every block.
+    pub(crate) fn caches(&self, sharers: u32) -> bool {
+        self.enabled() && (sharers > 1 || self.cfg.mode == CacheMode::PerDevice)
+    }
+
     pub(crate) fn config(&self) -> CacheConfig {
         self.cfg
     }
@@ -370,9 +379,11 @@ impl BlockCache {
         }
         let gen = sh.next_gen;
         sh.next_gen += 1;
-        // Sharing-aware admission: a block several devices map, or one evicted from
-        // probation recently (ghost), goes straight to the main FIFO.
-        let main = self.cfg.policy == CachePolicy::Lru || sharers > 1 || sh.ghost_set.remove(&key);
+        // Sharing-aware admission: a block that three or more devices map (an image layer many
+        // containers run from), or one evicted from probation recently (ghost), goes straight
+        // to the main FIFO; others start in probation. (In shared mode every cached block is
+        // mapped by at least two devices, a layer and its snapshot, so two says little.)
+        let main = self.cfg.policy == CachePolicy::Lru || sharers > 2 || sh.ghost_set.remove(&key);
         if main {
             sh.main.push_back((key, gen));
             sh.main_len += 1;

@@ -170,9 +170,12 @@ impl Device {
         let (first, last) = (off / B, (off + len - 1) / B);
         // Held across the data I/O: the blocks planned cannot be reused until it is dropped.
         let _gate = inner.gate.read();
-        // Runs of blocks: (first block, count, first physical block or None for zeros), and
-        // how many devices share each block (an eviction hint for the cache).
-        let mut runs: Vec<(u64, u64, Option<u64>)> = Vec::new();
+        // Runs of blocks: (first block, count, first physical block or None for zeros,
+        // through the cache), and how many devices share each block (an eviction hint). The
+        // shared cache holds blocks several devices map; a block only one device maps is read
+        // straight from the data store (the host page cache holds it once either way), so
+        // large private reads and writes pay nothing for the cache.
+        let mut runs: Vec<(u64, u64, Option<u64>, bool)> = Vec::new();
         let mut sharers: Vec<u32> = Vec::with_capacity((last - first + 1) as usize);
         {
             let live = inner.live.read();
@@ -186,23 +189,28 @@ impl Device {
             }
             for b in first..=last {
                 let p = d.map.lookup(b, cb);
-                sharers.push(p.map_or(0, |p| live.st.space.refs(p)));
+                let refs = p.map_or(0, |p| live.st.space.refs(p));
+                sharers.push(refs);
+                let cached = p.is_some() && inner.cache.caches(refs);
                 match runs.last_mut() {
-                    Some((s, n, Some(p0))) if p == Some(*p0 + *n) && *s + *n == b => *n += 1,
-                    Some((s, n, None)) if p.is_none() && *s + *n == b => *n += 1,
-                    _ => runs.push((b, 1, p)),
+                    Some((s, n, Some(p0), c))
+                        if p == Some(*p0 + *n) && *s + *n == b && *c == cached =>
+                    {
+                        *n += 1
+                    }
+                    Some((s, n, None, _)) if p.is_none() && *s + *n == b => *n += 1,
+                    _ => runs.push((b, 1, p, cached)),
                 }
             }
         }
         let st = &inner.stats;
         st.add(&READS, 1);
         st.add(&READ_BYTES, len);
-        let cache = inner.cache.enabled().then_some(&inner.cache);
         let err = |e| Error::io(format!("reading device {:?} at byte {off}", self.name), e);
-        for (b0, n, p0) in runs {
+        for (b0, n, p0, cached) in runs {
             let (s, e) = (off.max(b0 * B), (off + len).min((b0 + n) * B));
             let dst = &mut buf[(s - off) as usize..(e - off) as usize];
-            match (p0, cache) {
+            match (p0, cached.then_some(&inner.cache)) {
                 (None, _) => {
                     dst.fill(0);
                     st.add(&ZERO_BLOCKS_READ, n);
@@ -239,9 +247,9 @@ impl Device {
     }
 
     /// Reads one whole physical block (for copy-on-write and read-modify-write).
-    fn read_block(&self, p: u64, blk: &mut [u8]) -> Result<()> {
+    fn read_block(&self, p: u64, blk: &mut [u8], shared: bool) -> Result<()> {
         let inner = &*self.inner;
-        let r = if inner.cache.enabled() {
+        let r = if inner.cache.caches(if shared { 2 } else { 1 }) {
             inner.cache.read(self.id, p, blk, &[2], &inner.data)
         } else {
             inner.data.read_at(blk, p * B).map(|()| B)
@@ -481,7 +489,7 @@ impl Device {
             match op.kind {
                 Kind::Copy { old } => {
                     let mut blk = vec![0u8; B as usize];
-                    self.read_block(old, &mut blk)?;
+                    self.read_block(old, &mut blk, true)?;
                     self.put_blocks(op.pblock, &blk, off)?;
                     st.add(&COW_COPIED_BYTES, B);
                     k += 1;
@@ -516,7 +524,7 @@ impl Device {
                         Kind::Copy { .. } => unreachable!("handled above"),
                     };
                     if let Some(o) = from {
-                        self.read_block(o, &mut blk)?;
+                        self.read_block(o, &mut blk, !matches!(op.kind, Kind::InPlace))?;
                         if !matches!(op.kind, Kind::InPlace) {
                             st.add(&COW_COPIED_BYTES, B);
                         }

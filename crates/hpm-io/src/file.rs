@@ -7,6 +7,9 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+/// Reads at least this large get a WILLNEED hint for their whole range first.
+const LARGE_READ: usize = 64 << 10;
+
 /// A regular file (sparse where the filesystem allows) or a block device.
 pub struct FileBackend {
     file: File,
@@ -59,6 +62,13 @@ impl FileBackend {
 
 impl Backend for FileBackend {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if buf.len() >= LARGE_READ && !self.block_device {
+            // A large buffered read of a cold range would otherwise be served by the kernel's
+            // readahead window one piece at a time; asking for the whole range first puts all
+            // of it in flight at once. Advice only: an error changes nothing.
+            let len = std::num::NonZeroU64::new(buf.len() as u64);
+            let _ = rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::WillNeed);
+        }
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {

@@ -216,9 +216,14 @@ async fn serve(
             .push(("docker".into(), path.display().to_string()));
         let stop = stop.clone();
         tasks.spawn(async move {
-            hpm_docker::serve(l, driver, stop)
+            let served = hpm_docker::serve(l, driver, stop)
                 .await
-                .context("the Docker plugin server")
+                .context("the Docker plugin server");
+            // `serve` leaves the socket file to its caller. Left in place, a dockerd started
+            // while no daemon runs finds it and retries for ~30 s instead of failing at once
+            // (found by tests/docker.rs: the socket outlived every SIGTERM).
+            let _ = std::fs::remove_file(&path);
+            served
         });
     }
     tracing::info!(pool = %d.pool_dir.display(), run_dir = %d.run_dir.display(), "hpmapper daemon ready");

@@ -84,7 +84,17 @@ pub struct Env {
 impl Env {
     /// A fresh 2 GiB pool (sparse) and no daemon yet.
     pub fn new() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
+        Env::new_in(&std::env::temp_dir(), "2G")
+    }
+
+    /// A fresh sparse pool of `capacity` (a CLI size) in a new temporary directory under
+    /// `parent`, and no daemon yet. Its name is short (`hpm` + 6 characters): dockerd and
+    /// containerd put unix sockets below it, whose paths must stay under 108 bytes.
+    pub fn new_in(parent: &Path, capacity: &str) -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("hpm")
+            .tempdir_in(parent)
+            .unwrap();
         let root = tmp.path().canonicalize().unwrap();
         let env = Env {
             pool: root.join("pool"),
@@ -94,16 +104,21 @@ impl Env {
             daemon: None,
             daemon_args: Vec::new(),
         };
-        env.ok(&["pool", "create", "--capacity", "2G"]);
+        env.ok(&["pool", "create", "--capacity", capacity]);
         env
     }
 
     /// A fresh pool with the daemon started and answering.
     pub fn with_daemon(extra_args: &[&str]) -> Env {
         let mut env = Env::new();
-        env.daemon_args = extra_args.iter().map(|s| s.to_string()).collect();
+        env.set_daemon_args(extra_args);
         env.start_daemon();
         env
+    }
+
+    /// The arguments every later `start_daemon` adds to `daemon --pool P --run-dir R`.
+    pub fn set_daemon_args(&mut self, extra_args: &[&str]) {
+        self.daemon_args = extra_args.iter().map(|s| s.to_string()).collect();
     }
 
     /// `<tmp>/rel`.
