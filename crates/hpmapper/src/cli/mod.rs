@@ -7,6 +7,7 @@
 //! them on a pool it holds.
 
 mod bench;
+pub use bench::Mode as CacheModeArg;
 mod check;
 mod device;
 mod device_io;

@@ -16,7 +16,7 @@ pub use attach::{server_counters_json, Attachment};
 use crate::cli::parse_size;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use hpm_engine::{CacheConfig, CacheMode, Pool};
+use hpm_engine::{CacheConfig, Pool};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,6 +29,10 @@ pub struct DaemonArgs {
     /// Block cache size [default: 512M].
     #[arg(long, value_name = "SIZE")]
     cache_size: Option<String>,
+    /// Cache mode: `shared` (hpmapper), `per-device` (the devicemapper-like baseline, for
+    /// benchmarks only) or `off`.
+    #[arg(long, value_enum, default_value_t = crate::cli::CacheModeArg::Shared)]
+    cache_mode: crate::cli::CacheModeArg,
     /// NBD server on this unix socket [default: RUN_DIR/nbd.sock].
     #[arg(long, value_name = "PATH")]
     nbd_unix: Option<PathBuf>,
@@ -109,7 +113,7 @@ impl Daemon {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
     let mut cache = CacheConfig {
-        mode: CacheMode::Shared,
+        mode: args.cache_mode.into(),
         ..CacheConfig::default()
     };
     if let Some(s) = &args.cache_size {
