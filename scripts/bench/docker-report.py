@@ -1,0 +1,141 @@
+"""Report for scripts/bench/docker: reads its raw TSV, prints docs/bench/docker.md (markdown)."""
+import datetime, os, platform, statistics, subprocess, sys
+
+raw, rounds, full, git, elapsed, active, skipped, bench_dir = sys.argv[1:9]
+peers = active.split()
+cow, start, io = {}, {}, {}
+for line in open(raw):
+    f = line.rstrip("\n").split("\t")
+    if f[0] == "cow":
+        cow.setdefault((f[1], f[4], int(f[3])), []).append(float(f[5]))
+    elif f[0] == "start":
+        start.setdefault((f[1], int(f[3])), []).append(float(f[4]))
+    elif f[0] == "io":
+        io.setdefault((f[1], int(f[3])), []).append(int(f[4]))
+sizes = [s for s in ["4K", "64K", "1M", "16M", "256M", "1G"] if any(k[1] == s for k in cow)]
+ns = sorted({k[1] for k in start} | {k[1] for k in io})
+med = statistics.median
+def mr(v, fmt="{:.2f}"):
+    return f"{fmt.format(med(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return "?"
+yes = lambda b: "yes" if b else "**NOT met**"
+
+cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
+mem = sh("free -g | awk '/Mem:/ {print $2}'")
+disk = sh(f"df --output=source,fstype {bench_dir} | tail -1")
+print("# Docker storage drivers: `scripts/bench/docker`\n")
+print(f"Date {datetime.date.today()}, command `ROUNDS={rounds} FULL={full} scripts/bench/docker`, "
+      f"tree {git}, {elapsed} s. Machine: {os.cpu_count()} cores ({cpu}), {mem} GiB RAM, kernel "
+      f"{platform.release()}, bench directory {bench_dir} on `{disk}`, Docker "
+      f"{sh('dockerd --version')}.\n")
+print("## Method\n")
+print("One private dockerd per peer (own data-root, exec-root, socket and containerd namespaces; "
+      "the system dockerd is not touched), all up at once; every measurement is taken on every "
+      f"peer in turn (interleaved) in each of {rounds} rounds; figures are medians (min-max) over rounds.\n")
+print("- **overlay2**: `--storage-driver overlay2`, data-root on the bench directory (ext4).")
+print("- **vfs**: `--storage-driver vfs` (full copies).")
+print("- **btrfs**: `--storage-driver btrfs`, data-root a loop-mounted 20 GiB btrfs file." +
+      (f" SKIPPED: {skipped}." if skipped else ""))
+print("- **hpmapper**: `hpmapper pool create` (block CoW, 512K chunks), `hpmapper daemon --docker` "
+      "(shared cache, default 512M), graphdriver plugin socket in /run/docker/plugins.")
+print("- **dm-like** (devicemapper-like baseline): `hpmapper pool create --cow-granularity chunk "
+      "--chunk-size 64K`, `hpmapper daemon --cache-mode per-device --docker`.\n")
+print("Images are built in each dockerd from a static busybox rootfs (no registry). "
+      "1. CoW latency: in a fresh container per round, the static helper "
+      "`scripts/bench/cowprobe` first writes and fsyncs a new file outside the image (warm-up: the "
+      "container's first journal commit and allocation would otherwise be charged to whichever "
+      "image file comes first, always the 4 KiB one), then times open + 4 KiB pwrite at offset 0 + fsync + close on image "
+      "files of each size; pass 1 is the first write (the copy-on-write), pass 2 at once, pass 3 "
+      "20 ms later (before each file). CoW cost = pass 1 - pass 3. "
+      "2. Startup: `sync; echo 3 > /proc/sys/vm/drop_caches`, then N `docker run -d` in parallel, "
+      "each `cat /app/lib/* > /dev/null` over 25 x 4 MiB random files (100 MiB) in the image; time "
+      "from the first `docker run` until `docker wait` has returned 0 for all N. "
+      "3. Redundant I/O: for each round and N, a new image layer holding a fresh 256 MiB random "
+      "file is built (the shared cache outlives containers, so reusing one file would measure a "
+      "warm cache); host caches dropped; N containers `cat` it at once; "
+      "`hpmapper status --json` cache.backend_read_bytes before/after.\n")
+print("Caveat: drop_caches drops the kernel page cache only; hpmapper's own userspace block cache "
+      "(shared or per-device) is not dropped, so in experiment 2 hpmapper and dm-like may serve "
+      "image blocks from their cache after round 1 (dm-like's per-device caches belong to each "
+      "new container's device and start empty; hpmapper's shared cache is keyed by physical "
+      "block and may be warm: that sharing across containers is its design).\n")
+
+if cow:
+    print("## 1. Copy-on-write latency (ms)\n")
+    print("| driver | size | pass 1 | pass 2 | pass 3 | pass1/pass3 | CoW cost (p1-p3) |")
+    print("|---|---|---|---|---|---|---|")
+    for p in peers:
+        for s in sizes:
+            if (p, s, 1) not in cow: continue
+            p1, p2, p3 = cow[(p, s, 1)], cow[(p, s, 2)], cow[(p, s, 3)]
+            print(f"| {p} | {s} | {mr(p1, '{:.3f}')} | {mr(p2, '{:.3f}')} | {mr(p3, '{:.3f}')} | "
+                  f"{med(p1)/med(p3):.2f} | {med(p1)-med(p3):.3f} |")
+    print("\nPass 1 (first write) medians, ms, by driver:\n")
+    print("| size | " + " | ".join(peers) + " | overlay2 / hpmapper |")
+    print("|---|" + "---|" * (len(peers) + 1))
+    for s in sizes:
+        row = [f"{med(cow[(p, s, 1)]):.3f}" if (p, s, 1) in cow else "-" for p in peers]
+        ratio = (f"{med(cow[('overlay2', s, 1)]) / med(cow[('hpmapper', s, 1)]):.1f}x"
+                 if ("overlay2", s, 1) in cow and ("hpmapper", s, 1) in cow else "-")
+        print(f"| {s} | " + " | ".join(row) + f" | {ratio} |")
+    if ("hpmapper", sizes[0], 1) in cow:
+        print("\nTargets for hpmapper:\n")
+        print("| size | pass1/pass3 | <= 1.2x (BENCHMARKS.md) | <= 2x (the issue) | pass1/pass2 (for reference) | overlay2 / hpmapper pass 1 | >= 10x from 16M up |")
+        print("|---|---|---|---|---|---|---|")
+        for s in sizes:
+            q = med(cow[("hpmapper", s, 1)]) / med(cow[("hpmapper", s, 3)])
+            o = (med(cow[("overlay2", s, 1)]) / med(cow[("hpmapper", s, 1)])
+                 if ("overlay2", s, 1) in cow else None)
+            big = s in ("16M", "256M", "1G")
+            q2 = med(cow[("hpmapper", s, 1)]) / med(cow[("hpmapper", s, 2)])
+            print(f"| {s} | {q:.2f} | {yes(q <= 1.2)} | {yes(q <= 2.0)} | {q2:.2f} | "
+                  f"{'-' if o is None else f'{o:.1f}x'} | {(yes(o >= 10) if o is not None else '-') if big else 'n/a'} |")
+    if any(med(cow[("hpmapper", s, 3)]) > med(cow[("hpmapper", s, 1)]) for s in sizes if ("hpmapper", s, 3) in cow):
+        print("\nNote: hpmapper's pass 3 (after 20 ms) is slower than its pass 1 here, so the pass1/pass3 "
+              "targets are met with room to spare partly because pass 3 is expensive, not only because "
+              "pass 1 is cheap; pass1/pass2 (both in one timestamp tick) is shown as a second view of "
+              "the CoW cost.")
+    print()
+
+if start:
+    print("## 2. Container startup, cold host cache (seconds until all N have exited)\n")
+    print("| N | " + " | ".join(peers) + " |")
+    print("|---|" + "---|" * len(peers))
+    for n in ns:
+        print(f"| {n} | " + " | ".join(mr(start[(p, n)]) if (p, n) in start else "-" for p in peers) + " |")
+    if ("hpmapper", 16) in start:
+        h = med(start[("hpmapper", 16)])
+        print("\nTargets at N = 16:\n")
+        print("| target | ratio | met |")
+        print("|---|---|---|")
+        if ("dm-like", 16) in start:
+            d = med(start[("dm-like", 16)])
+            print(f"| hpmapper at least 2.0x faster than dm-like | dm-like / hpmapper = {d/h:.2f}x | {yes(d/h >= 2.0)} |")
+        if ("overlay2", 16) in start:
+            o = med(start[("overlay2", 16)])
+            print(f"| hpmapper within 1.3x of overlay2 | hpmapper / overlay2 = {h/o:.2f}x | {yes(h/o <= 1.3)} |")
+    print()
+
+if io:
+    MiB = 1 << 20
+    F = 256 * MiB
+    print("## 3. Redundant I/O: bytes read from the pool's data file, N containers reading one 256 MiB file\n")
+    print("| N | driver | backend read MiB | x file | target | met |")
+    print("|---|---|---|---|---|---|")
+    for n in ns:
+        for p in ("hpmapper", "dm-like"):
+            if (p, n) not in io: continue
+            v = io[(p, n)]
+            x = med(v) / F
+            if p == "hpmapper":
+                tgt, ok = "about 1x (<= 1.1x)", x <= 1.1
+            else:
+                tgt, ok = f"about {n}x (baseline)", abs(x - n) <= 0.1 * n
+            print(f"| {n} | {p} | {med(v)/MiB:.0f} ({min(v)/MiB:.0f}-{max(v)/MiB:.0f}) | {x:.2f} | {tgt} | {yes(ok)} |")
+    print()
+print(f"Raw figures: `{os.path.basename(os.environ.get('HPM_RAW_NAME', 'docker.tsv'))}` beside this file. "
+      "No plots: matplotlib is not installed on this machine.")
