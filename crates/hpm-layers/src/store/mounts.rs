@@ -53,7 +53,10 @@ pub(super) enum Unmounted {
 }
 
 /// Pauses between unmount attempts while the filesystem is busy, in milliseconds.
-const BUSY_RETRY_MS: [u64; 6] = [1, 4, 10, 25, 50, 100];
+/// About 2 s in all: a container's processes (runc, the shim) may still hold the filesystem
+/// for a moment after dockerd's `Put`; going lazy then leaves a device that cannot be
+/// detached, and so a layer that cannot be removed, until they let go.
+const BUSY_RETRY_MS: [u64; 10] = [1, 4, 10, 25, 50, 100, 200, 400, 600, 600];
 
 /// Unmounts `target`; lazily (`MNT_DETACH`, as devicemapper always does) when it stays busy.
 ///

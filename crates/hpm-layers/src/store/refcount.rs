@@ -235,13 +235,26 @@ impl LayerStore {
         let Some(block) = self.table.lock().lingering.remove(id) else {
             return Ok(());
         };
-        self.detach_block(device).map_err(|e| {
-            self.table.lock().lingering.insert(id.to_string(), block);
-            Error::new(
-                ErrorKind::Busy,
-                format!("layer {id:?} was unmounted lazily and processes still use it: {e}"),
-            )
-        })
+        // A lazy unmount completes when its last user lets go, usually within moments of the
+        // container's exit: wait up to about 3 s for the device to become free.
+        let mut pauses = [10u64, 50, 100, 200, 400, 800, 1000, 1000].iter();
+        loop {
+            match self.detach_block(device) {
+                Ok(()) => return Ok(()),
+                Err(e) => match pauses.next() {
+                    Some(&ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+                    None => {
+                        self.table.lock().lingering.insert(id.to_string(), block);
+                        return Err(Error::new(
+                            ErrorKind::Busy,
+                            format!(
+                                "layer {id:?} was unmounted lazily and processes still use it: {e}"
+                            ),
+                        ));
+                    }
+                },
+            }
+        }
     }
 }
 
