@@ -4,7 +4,6 @@
 //! several at once).
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,61 +35,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// then renamed into place, so it is never reachable with looser permissions, and dockerd
 /// never finds a socket that is not yet listening.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let file_name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} has no file name", path.display()),
-        )
-    })?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(parent)?;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!(
-                        "{} is in use by a running server; stop it first",
-                        path.display()
-                    ),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        Ok(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!(
-                    "{} exists and is not a socket; refusing to replace it",
-                    path.display()
-                ),
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut private_name = std::ffi::OsString::from(".");
-    private_name.push(file_name);
-    private_name.push(format!(".{}.bind", std::process::id()));
-    let private = parent.join(private_name);
-    if private.exists() {
-        std::fs::remove_dir_all(&private)?;
-    }
-    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
-    let tmp = private.join(file_name);
-    let placed = UnixListener::bind(&tmp).and_then(|listener| {
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::rename(&tmp, path)?;
-        Ok(listener)
-    });
-    let _ = std::fs::remove_dir_all(&private);
-    placed
+    let listener = hpm_io::socket::bind_private(path)?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
 }
 
 /// Serves the graphdriver plugin protocol on `listener` with `driver` until `shutdown`
@@ -188,6 +135,7 @@ async fn serve_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
     #[tokio::test]
     async fn bind_restricts_replaces_stale_and_refuses_live_or_foreign_files() {

@@ -11,6 +11,7 @@ mod file;
 mod io_flusher;
 pub mod loopdev;
 mod memory;
+pub mod socket;
 
 pub use checked::Checked;
 pub use file::FileBackend;
