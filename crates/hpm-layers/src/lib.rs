@@ -21,4 +21,4 @@ mod xattr;
 pub use apply::apply_layer;
 pub use diff::{changes, diff_size, export_changes, Change, ChangeKind};
 pub use error::{Error, ErrorKind, Result};
-pub use store::{BlockDevices, LayerStore, StoreOptions};
+pub use store::{BlockDevices, LayerStore, Layout, StoreOptions};

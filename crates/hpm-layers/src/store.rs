@@ -41,6 +41,7 @@
 //!   restarts rather than open a second one.
 
 mod base;
+mod export;
 mod ext4;
 mod info;
 mod locks;
@@ -89,6 +90,21 @@ pub struct StoreOptions {
     /// Size of a parent-less layer in bytes (a multiple of 4096, at least
     /// [`MIN_BASE_SIZE`]); default [`DEFAULT_BASE_SIZE`].
     pub base_size: u64,
+    /// Where the container root is inside a layer's filesystem; default
+    /// [`Layout::RootfsDir`].
+    pub layout: Layout,
+}
+
+/// Where the container root is inside a layer's filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// In the directory `rootfs`, with `lost+found` beside it (devicemapper's layout, for
+    /// Docker, which mounts layers through the store).
+    #[default]
+    RootfsDir,
+    /// At the filesystem's root, with no `lost+found` (containerd's devmapper layout, for
+    /// clients that mount the block device themselves).
+    FsRoot,
 }
 
 impl StoreOptions {
@@ -98,6 +114,7 @@ impl StoreOptions {
             namespace: namespace.into(),
             home: home.into(),
             base_size: DEFAULT_BASE_SIZE,
+            layout: Layout::default(),
         }
     }
 }
@@ -108,6 +125,7 @@ pub struct LayerStore {
     devices: Arc<dyn BlockDevices>,
     names: Names,
     base_size: u64,
+    layout: Layout,
     mnt: PathBuf,
     locks: IdLocks,
     table: Mutex<MountTable>,
@@ -138,6 +156,7 @@ impl LayerStore {
             devices,
             names: Names::new(&opts.namespace),
             base_size: opts.base_size,
+            layout: opts.layout,
             mnt,
             locks: IdLocks::default(),
             table: Mutex::new(MountTable::default()),
@@ -226,6 +245,7 @@ impl LayerStore {
         }
         let device = self.names.device(id);
         self.release_lingering(id, &device)?;
+        self.unexport_locked(id)?;
         let mp = self.mountpoint(id);
         if mounts::is_mount_point(&mp)? {
             tracing::warn!(
@@ -306,6 +326,11 @@ impl LayerStore {
     /// Where layer `id`'s filesystem is mounted while it is: `home/mnt/<id>`.
     pub fn mountpoint(&self, id: &str) -> PathBuf {
         self.mnt.join(id)
+    }
+
+    /// Layer `id`'s pool device: its name, size, and the bytes it maps and owns alone.
+    pub fn info(&self, id: &str) -> Result<DeviceInfo> {
+        self.layer_info(id)
     }
 
     fn layer_info(&self, id: &str) -> Result<DeviceInfo> {

@@ -428,3 +428,62 @@ fn hostile_layers_are_refused_and_write_nothing_outside_rootfs() {
         .all(|n| ["fine", "evil", "up"].contains(&n.as_str())));
     s.put("h").unwrap();
 }
+
+#[test]
+fn fs_root_layers_are_handed_out_as_block_devices() {
+    if !requirements("fs_root_layers_are_handed_out_as_block_devices") {
+        return;
+    }
+    let env = Env::with_layout(hpm_layers::Layout::FsRoot);
+    let s = env.store();
+    s.create("a", None, None).unwrap();
+    let block = s.export("a", false).unwrap();
+    assert!(
+        block.to_str().unwrap().starts_with("/dev/loop"),
+        "{block:?}"
+    );
+    assert_eq!(
+        s.export("a", false).unwrap(),
+        block,
+        "a second export attaches again"
+    );
+    assert_eq!(s.exported("a"), Some((block.clone(), false)));
+
+    // The client mounts it: the filesystem root is the container root, empty, 0755.
+    let mnt = env.dir.path().join("client");
+    fs::create_dir(&mnt).unwrap();
+    rustix::mount::mount(&block, &mnt, "ext4", MountFlags::empty(), None).unwrap();
+    assert!(names(&mnt).is_empty(), "{:?}", names(&mnt));
+    assert_eq!(
+        fs::metadata(&mnt).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    fs::write(mnt.join("file"), b"from a").unwrap();
+
+    // While handed out, the store neither mounts it nor removes it.
+    assert_eq!(s.get("a", "").unwrap_err().kind(), ErrorKind::Busy);
+    assert_eq!(s.remove("a").unwrap_err().kind(), ErrorKind::Busy);
+    assert_eq!(s.unexport("a").unwrap_err().kind(), ErrorKind::Busy);
+    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
+    s.unexport("a").unwrap();
+    assert_eq!(s.exported("a"), None);
+    assert!(env.devices.attached().is_empty());
+
+    // A child, handed out read-only, sees its parent's file and refuses writes.
+    s.create("b", Some("a"), None).unwrap();
+    let ro = s.export("b", true).unwrap();
+    rustix::mount::mount(&ro, &mnt, "ext4", MountFlags::RDONLY, None).unwrap();
+    assert_eq!(fs::read(mnt.join("file")).unwrap(), b"from a");
+    assert!(fs::write(mnt.join("other"), b"x").is_err());
+    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
+    // Asking for it writable swaps the attachment.
+    let rw = s.export("b", false).unwrap();
+    assert_eq!(s.exported("b"), Some((rw, false)));
+
+    // remove detaches; once no layer is left the base volume can go too.
+    s.remove("b").unwrap();
+    s.remove("a").unwrap();
+    assert!(env.devices.attached().is_empty());
+    assert_eq!(s.remove_base_volumes().unwrap(), 1);
+    assert!(env.pool.list_devices().is_empty());
+}

@@ -14,7 +14,7 @@ use std::path::Path;
 use super::ext4;
 use super::mounts::{self, Unmounted};
 use super::names::BASE_PREFIX;
-use super::{engine_error, LayerStore};
+use super::{engine_error, LayerStore, Layout};
 use crate::error::{Error, ErrorKind, Result};
 
 /// The container root inside every layer's filesystem.
@@ -55,6 +55,30 @@ impl LayerStore {
         made.map(|()| name)
     }
 
+    /// Removes every finished base volume of this store (they are made again on demand);
+    /// returns how many. For clients that clean up once no layer is left.
+    pub fn remove_base_volumes(&self) -> Result<usize> {
+        let mut removed = 0;
+        for d in self.pool.list_devices() {
+            if !self.names.is_base(&d.name) || self.names.is_partial_base(&d.name) {
+                continue;
+            }
+            let key = d.name[self.names.namespace().len()..].to_string();
+            let _base = self.locks.lock(&key);
+            match self.pool.remove_device(&d.name) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == hpm_engine::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(engine_error(
+                        format!("removing the base volume {:?}", d.name),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes base volumes a crash left unfinished.
     pub(super) fn remove_partial_bases(&self) {
         for d in self.pool.list_devices() {
@@ -75,7 +99,11 @@ impl LayerStore {
             fs::create_dir_all(&mp)
                 .map_err(|e| Error::io(format!("creating mountpoint {}", mp.display()), e))?;
             mounts::mount_ext4(&block, &mp, "")?;
-            let made = make_rootfs(&mp.join(ROOTFS)).and_then(|()| mounts::syncfs(&mp));
+            let made = match self.layout {
+                Layout::RootfsDir => make_rootfs(&mp.join(ROOTFS)),
+                Layout::FsRoot => clear_root(&mp),
+            }
+            .and_then(|()| mounts::syncfs(&mp));
             let unmounted = mounts::unmount(&mp);
             made?;
             if unmounted? == Unmounted::Lazily {
@@ -112,6 +140,19 @@ fn make_rootfs(path: &Path) -> Result<()> {
         .create(path)
         .map_err(|e| Error::io(what(), e))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).map_err(|e| Error::io(what(), e))
+}
+
+/// Leaves the root of a new filesystem empty (no `lost+found`) with mode 0755.
+fn clear_root(root: &Path) -> Result<()> {
+    let lost = root.join("lost+found");
+    match fs::remove_dir(&lost) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io(format!("removing {}", lost.display()), e))
+        }
+        _ => {}
+    }
+    fs::set_permissions(root, fs::Permissions::from_mode(0o755))
+        .map_err(|e| Error::io(format!("setting the mode of {}", root.display()), e))
 }
 
 /// Creates `rootfs` in a mounted layer that lacks it (made outside this store).

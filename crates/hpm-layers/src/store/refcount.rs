@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use super::base::{ensure_rootfs, ROOTFS};
 use super::mounts::{self, Unmounted};
 use super::names::check_id;
-use super::LayerStore;
+use super::{LayerStore, Layout};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Which layers are mounted.
@@ -24,6 +24,8 @@ pub(super) struct MountTable {
     pub(super) mounted: HashMap<String, Mounted>,
     /// Layers unmounted lazily whose block device is still attached, by id.
     lingering: HashMap<String, PathBuf>,
+    /// Layers whose block device is handed out (`export`), by id: (device, read-only).
+    pub(super) exported: HashMap<String, (PathBuf, bool)>,
 }
 
 /// One mounted layer.
@@ -57,8 +59,8 @@ impl LayerStore {
         self.table.lock().mounted.get(id).map_or(0, |m| m.count)
     }
 
-    /// Unmounts every layer whatever its count and detaches its block device (daemon
-    /// shutdown); the layers keep their data. Fails, after trying them all, naming the
+    /// Unmounts every layer whatever its count and detaches its block device, exported ones
+    /// too (daemon shutdown); the layers keep their data. Fails, after trying them all, naming the
     /// layers that stay mounted or attached.
     pub fn cleanup(&self) -> Result<()> {
         let ids: Vec<String> = {
@@ -66,6 +68,7 @@ impl LayerStore {
             t.mounted
                 .keys()
                 .chain(t.lingering.keys())
+                .chain(t.exported.keys())
                 .cloned()
                 .collect()
         };
@@ -87,7 +90,7 @@ impl LayerStore {
                     }
                 }
             }
-            if self.release_lingering(&id, &device).is_err() {
+            if self.release_lingering(&id, &device).is_err() || self.unexport_locked(&id).is_err() {
                 failed.push(id);
             }
         }
@@ -131,10 +134,25 @@ impl LayerStore {
     /// [`LayerStore::get`] with the id mutex held.
     pub(super) fn get_locked(&self, id: &str, label: &str) -> Result<PathBuf> {
         let mp = self.mountpoint(id);
-        let rootfs = mp.join(ROOTFS);
-        if let Some(m) = self.table.lock().mounted.get_mut(id) {
-            m.count += 1;
-            return Ok(rootfs);
+        let rootfs = match self.layout {
+            Layout::RootfsDir => mp.join(ROOTFS),
+            Layout::FsRoot => mp.clone(),
+        };
+        {
+            let mut t = self.table.lock();
+            if let Some(m) = t.mounted.get_mut(id) {
+                m.count += 1;
+                return Ok(rootfs);
+            }
+            if let Some((block, _)) = t.exported.get(id) {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "layer {id:?} is handed out as block device {}; it cannot be mounted by the store too",
+                        block.display()
+                    ),
+                ));
+            }
         }
         let device = self.layer_info(id)?.name;
         std::fs::create_dir_all(&mp)
@@ -152,6 +170,9 @@ impl LayerStore {
             _ => self.attach_block(&device)?,
         };
         let mounted = mounts::mount_ext4(&block, &mp, label).and_then(|()| {
+            if self.layout == Layout::FsRoot {
+                return Ok(());
+            }
             ensure_rootfs(&rootfs).inspect_err(|_| {
                 let _ = mounts::unmount(&mp);
             })

@@ -12,7 +12,7 @@ use std::time::Duration;
 use hpm_engine::{Pool, PoolOptions};
 use hpm_fuse::{FuseExport, FuseOptions};
 use hpm_io::loopdev::{self, LoopDevice};
-use hpm_layers::{BlockDevices, LayerStore, StoreOptions};
+use hpm_layers::{BlockDevices, LayerStore, Layout, StoreOptions};
 use rustix::fs::{Mode, OFlags};
 
 pub const MIB: u64 = 1 << 20;
@@ -127,6 +127,7 @@ impl BlockDevices for LoopDevices {
 /// A pool, its export, and a store on them. Dropping it cleans the store up first.
 pub struct Env {
     store: Option<LayerStore>,
+    layout: Layout,
     pub devices: Arc<LoopDevices>,
     pub pool: Pool,
     pub dir: tempfile::TempDir,
@@ -134,6 +135,11 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
+        Env::with_layout(Layout::RootfsDir)
+    }
+
+    /// A store whose layers put the container root at `layout`.
+    pub fn with_layout(layout: Layout) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("hpm-store-")
             .tempdir_in("/var/tmp")
@@ -154,6 +160,7 @@ impl Env {
         });
         let mut env = Env {
             store: None,
+            layout,
             devices,
             pool,
             dir,
@@ -165,6 +172,7 @@ impl Env {
     fn open(&self) -> LayerStore {
         let mut opts = StoreOptions::new(NAMESPACE, self.home());
         opts.base_size = BASE;
+        opts.layout = self.layout;
         LayerStore::open(self.pool.clone(), self.devices.clone(), opts).unwrap()
     }
 

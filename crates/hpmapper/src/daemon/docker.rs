@@ -5,12 +5,13 @@
 //! snapshotter will never share. dockerd's Init creates the store once; a later Init (dockerd
 //! restarted while this daemon kept running) reuses it, as the store requires.
 
+use super::devices::DaemonDevices;
 use super::Daemon;
 use hpm_docker::{DriverError, DriverErrorKind, GraphDriver};
 use hpm_layers::{BlockDevices, LayerStore, StoreOptions};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
@@ -18,44 +19,6 @@ use std::sync::{Arc, Weak};
 pub const NAMESPACE: &str = "docker/";
 /// Base filesystem size when dockerd passes no `hpmapper.basesize`.
 pub const DEFAULT_BASE_SIZE: u64 = 10 << 30;
-
-/// Attaches devices through the daemon (a weak reference: the daemon owns the driver).
-struct DaemonDevices(Weak<Daemon>);
-
-impl DaemonDevices {
-    fn daemon(&self) -> io::Result<Arc<Daemon>> {
-        self.0
-            .upgrade()
-            .ok_or_else(|| io::Error::other("the hpmapper daemon is shutting down"))
-    }
-}
-
-fn to_io(e: anyhow::Error) -> io::Error {
-    let msg = format!("{e:#}");
-    let kind = if msg.contains("in use") {
-        io::ErrorKind::ResourceBusy
-    } else {
-        io::ErrorKind::Other
-    };
-    io::Error::new(kind, msg)
-}
-
-impl BlockDevices for DaemonDevices {
-    fn attach(&self, device: &str, read_only: bool) -> io::Result<PathBuf> {
-        self.daemon()?.attach(device, read_only).map_err(to_io)
-    }
-    fn detach(&self, device: &str) -> io::Result<()> {
-        self.daemon()?.detach(device).map_err(|e| {
-            // The store treats EBUSY as "still in use, retry later".
-            let e = to_io(e);
-            if e.kind() == io::ErrorKind::ResourceBusy {
-                io::Error::from_raw_os_error(16)
-            } else {
-                e
-            }
-        })
-    }
-}
 
 /// The graphdriver over the layer store.
 pub struct DockerDriver {
@@ -152,7 +115,7 @@ impl GraphDriver for DockerDriver {
             .daemon
             .upgrade()
             .ok_or_else(|| invalid("the hpmapper daemon is shutting down".into()))?;
-        let devices: Arc<dyn BlockDevices> = Arc::new(DaemonDevices(Arc::downgrade(&d)));
+        let devices: Arc<dyn BlockDevices> = Arc::new(DaemonDevices::new(&d));
         let mut o = StoreOptions::new(NAMESPACE, home);
         o.base_size = base;
         let store = LayerStore::open(d.pool().clone(), devices, o).map_err(err)?;

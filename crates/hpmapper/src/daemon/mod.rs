@@ -7,7 +7,9 @@
 //! functions it runs are the CLI's own (`cli::execute`); the wire format is in `control`.
 
 mod attach;
+mod containerd;
 mod control_server;
+mod devices;
 mod docker;
 mod metrics;
 
@@ -49,6 +51,14 @@ pub struct DaemonArgs {
     /// The graphdriver plugin socket [default: /run/docker/plugins/hpmapper.sock].
     #[arg(long, value_name = "PATH", requires = "docker")]
     docker_socket: Option<PathBuf>,
+    /// Serve the containerd snapshotter (snapshots.v1 gRPC) on this unix socket: the
+    /// `address` of a `[proxy_plugins.hpmapper]` entry of type "snapshot" in containerd's
+    /// config.toml. Off by default.
+    #[arg(long, value_name = "PATH")]
+    containerd_socket: Option<PathBuf>,
+    /// Filesystem size of containerd snapshots without parent [default: 10G].
+    #[arg(long, value_name = "SIZE", requires = "containerd_socket")]
+    containerd_base_size: Option<String>,
 }
 
 /// A TCP address from `PORT` (loopback) or `ADDR:PORT`.
@@ -72,6 +82,7 @@ pub struct Daemon {
     fuse: Mutex<Option<hpm_fuse::FuseExport>>,
     nbd: Mutex<Option<Arc<hpm_nbd::NbdServer>>>,
     docker: Mutex<Option<Arc<docker::DockerDriver>>>,
+    containerd: Mutex<Option<Arc<hpm_containerd::block::BlockSnapshotter>>>,
 }
 
 impl Daemon {
@@ -119,6 +130,18 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
     if let Some(s) = &args.cache_size {
         cache.size = parse_size("--cache-size", s)?;
     }
+    let containerd_base = args
+        .containerd_base_size
+        .as_deref()
+        .map(|s| {
+            let size = parse_size("--containerd-base-size", s)?;
+            if size < hpm_layers::store::MIN_BASE_SIZE || !size.is_multiple_of(4096) {
+                bail!("--containerd-base-size: {s} must be a multiple of 4K and at least 16M");
+            }
+            Ok(size)
+        })
+        .transpose()?
+        .unwrap_or(hpm_containerd::block::DEFAULT_BASE_SIZE);
     let nbd_tcp = args
         .nbd_tcp
         .as_deref()
@@ -144,6 +167,7 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
         fuse: Mutex::new(None),
         nbd: Mutex::new(None),
         docker: Mutex::new(None),
+        containerd: Mutex::new(None),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -155,12 +179,17 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| PathBuf::from(hpm_docker::DEFAULT_SOCKET_PATH))
     });
+    let containerd = args
+        .containerd_socket
+        .clone()
+        .map(|socket| (socket, containerd_base));
     let served = rt.block_on(serve(
         daemon.clone(),
         args.nbd_unix.clone(),
         nbd_tcp,
         metrics,
         docker,
+        containerd,
     ));
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     let closed = shutdown(daemon);
@@ -189,6 +218,7 @@ async fn serve(
     nbd_tcp: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
     docker: Option<PathBuf>,
+    containerd: Option<(PathBuf, u64)>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -230,6 +260,28 @@ async fn serve(
             served
         });
     }
+    if let Some((path, base_size)) = containerd {
+        // Opened before binding: containerd finding the socket means the snapshotter works.
+        let snapshotter = containerd::open(&d, base_size)?;
+        let l = hpm_containerd::bind(&path).with_context(|| {
+            format!(
+                "binding the containerd snapshotter socket {}",
+                path.display()
+            )
+        })?;
+        *d.containerd.lock() = Some(snapshotter.clone());
+        d.endpoints
+            .lock()
+            .push(("containerd".into(), path.display().to_string()));
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let served = hpm_containerd::serve(l, snapshotter, stop)
+                .await
+                .context("the containerd snapshotter server");
+            let _ = std::fs::remove_file(&path);
+            served
+        });
+    }
     tracing::info!(pool = %d.pool_dir.display(), run_dir = %d.run_dir.display(), "hpmapper daemon ready");
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -256,6 +308,11 @@ async fn serve(
 fn shutdown(d: Arc<Daemon>) -> Result<()> {
     if let Some(driver) = d.docker.lock().take() {
         driver.shutdown();
+    }
+    if let Some(s) = d.containerd.lock().take() {
+        if let Err(e) = s.shutdown() {
+            tracing::warn!("detaching containerd snapshots at shutdown: {e}");
+        }
     }
     attach::detach_all(&d);
     let _ = std::fs::remove_file(d.run_dir.join(crate::control::SOCKET));
