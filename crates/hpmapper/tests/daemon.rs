@@ -166,6 +166,21 @@ fn every_cli_command_runs_through_the_daemon() {
     }
     let text = env.ok_text(&["status"]);
     assert!(text.contains("devices:     2"), "{text}");
+
+    // `cache drop` empties the cache: blocks a and s share, read through s, were cached.
+    assert_eq!(env.read("s", MIB, from_stdin.len()), from_stdin);
+    let cached = env.json(&["status", "--json"])["cache"]["cached_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= from_stdin.len() as u64, "{cached}");
+    let out = env.ok_text(&["cache", "drop"]);
+    assert_eq!(
+        out.trim(),
+        format!("dropped {cached} bytes from the block cache")
+    );
+    let status = env.json(&["status", "--json"]);
+    assert_eq!(status["cache"]["cached_bytes"], 0, "{status}");
+    assert_eq!(env.read("s", MIB, from_stdin.len()), from_stdin);
 }
 
 #[test]

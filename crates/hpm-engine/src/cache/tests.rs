@@ -250,3 +250,32 @@ fn s3fifo_keeps_the_shared_hot_set_through_a_scan_better_than_lru() {
     assert!(s3 > 0.9, "S3-FIFO hot-set hit ratio {s3}");
     assert!(s3 > lru + 0.2, "S3-FIFO {s3} vs LRU {lru}");
 }
+
+#[test]
+fn clear_empties_every_mode_and_the_next_reads_go_to_the_backend() {
+    for mode in [CacheMode::Shared, CacheMode::PerDevice] {
+        let be = backend(16);
+        let c = cache(mode, 1024, CachePolicy::S3Fifo);
+        let mut out = vec![0u8; 4 * B];
+        for dev in [1, 2] {
+            c.read(dev, 0, &mut out, &[2; 4], &*be).unwrap();
+        }
+        let held = c.stats().cached_bytes;
+        assert!(held > 0, "{mode:?}");
+        assert_eq!(c.clear(), held, "{mode:?}");
+        let s = c.stats();
+        assert_eq!((s.cached_bytes, s.per_device_bytes), (0, 0), "{mode:?}");
+        let before = be.reads.load(Relaxed);
+        c.read(1, 0, &mut out, &[2; 4], &*be).unwrap();
+        assert_eq!(be.reads.load(Relaxed), before + 1, "{mode:?}");
+        assert!(out
+            .chunks(B)
+            .enumerate()
+            .all(|(i, b)| b.iter().all(|&x| x == (i as u8) + 1)));
+        assert_eq!(
+            c.clear(),
+            4 * B as u64,
+            "{mode:?}: the refill was cached again"
+        );
+    }
+}

@@ -8,6 +8,7 @@
 
 mod bench;
 pub use bench::Mode as CacheModeArg;
+mod cache;
 mod check;
 mod device;
 mod device_io;
@@ -87,6 +88,9 @@ pub enum Command {
     Daemon(crate::daemon::DaemonArgs),
     /// Show the daemon's devices, attachments, connections and live counters.
     Status(status::StatusArgs),
+    /// Empty the daemon's block cache (for cold-cache measurements).
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
 }
 
 /// Where a command runs and what it may use besides the pool.
@@ -151,6 +155,7 @@ pub fn execute(
         Command::Device(cmd) => device::run(pool, cmd, ctx, out),
         Command::Check => check::report(pool.dir().unwrap_or(Path::new("?")), pool.check()?, out),
         Command::Status(args) => status::run(pool, &args, ctx, out),
+        Command::Cache(cmd) => cache::run(pool, cmd, out),
         Command::Bench(_) => {
             bail!("`hpmapper bench` needs the pool to itself: stop the daemon first")
         }
