@@ -43,7 +43,9 @@ print("- **btrfs**: `--storage-driver btrfs`, data-root a loop-mounted 20 GiB bt
 print("- **hpmapper**: `hpmapper pool create` (block CoW, 512K chunks), `hpmapper daemon --docker` "
       "(shared cache, default 512M), graphdriver plugin socket in /run/docker/plugins.")
 print("- **dm-like** (devicemapper-like baseline): `hpmapper pool create --cow-granularity chunk "
-      "--chunk-size 64K`, `hpmapper daemon --cache-mode per-device --docker`.\n")
+      "--chunk-size 64K`, `hpmapper daemon --cache-mode per-device --docker` (a cache per "
+      "device, and, like dm-thin's bios to its data device, no shared cache below it: each "
+      "block read from the data file is dropped from the host page cache at once).\n")
 print("Images are built in each dockerd from a static busybox rootfs (no registry). "
       "1. CoW latency: in a fresh container per round, the static helper "
       "`scripts/bench/cowprobe` first writes and fsyncs a new file outside the image (warm-up: the "
@@ -51,7 +53,7 @@ print("Images are built in each dockerd from a static busybox rootfs (no registr
       "image file comes first, always the 4 KiB one), then times open + 4 KiB pwrite at offset 0 + fsync + close on image "
       "files of each size; pass 1 is the first write (the copy-on-write), pass 2 at once, pass 3 "
       "20 ms later (before each file). CoW cost = pass 1 - pass 3. "
-      "2. Startup: `sync; echo 3 > /proc/sys/vm/drop_caches`, then N `docker run -d` in parallel, "
+      "2. Startup: `sync; echo 3 > /proc/sys/vm/drop_caches` and `hpmapper cache drop` in both hpmapper daemons, then N `docker run -d` in parallel, "
       "each `cat /app/lib/* > /dev/null` over 25 x 4 MiB random files (100 MiB) in the image; time "
       "from the first `docker run` until `docker wait` has returned 0 for all N. "
       "3. Redundant I/O: for each round and N, a new image layer holding a fresh 256 MiB random "

@@ -322,6 +322,13 @@ impl BlockCache {
             };
             match r {
                 Ok(()) => {
+                    if self.cfg.mode == CacheMode::PerDevice {
+                        // The devicemapper-like baseline: dm-thin reads its data device with
+                        // bios that no shared cache keeps, so neither may the host page cache
+                        // of our data file (it would dedup what the baseline must not).
+                        let _ = backend
+                            .drop_cached((p0 + i0 as u64) * B as u64, ((i1 - i0) * B) as u64);
+                    }
                     self.c.backend_reads.fetch_add(1, Relaxed);
                     self.c
                         .backend_read_bytes

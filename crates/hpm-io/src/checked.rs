@@ -81,6 +81,9 @@ impl<B: Backend> Backend for Checked<B> {
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         self.inner.allocated_bytes()
     }
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.drop_cached(offset, len)
+    }
 }
 
 #[cfg(test)]

@@ -135,6 +135,12 @@ impl Backend for FileBackend {
         }
         Ok(Some(self.file.metadata()?.blocks() * 512))
     }
+
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        let len = std::num::NonZeroU64::new(len);
+        rustix::fs::fadvise(&self.file, offset, len, rustix::fs::Advice::DontNeed)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -159,5 +165,18 @@ mod tests {
         // Past the end reads zeros.
         b.read_at(&mut buf, (1 << 20) - 100).unwrap();
         assert!(buf.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn dropping_cached_pages_keeps_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::create_new(&dir.path().join("f")).unwrap();
+        b.write_at(&[9u8; 16384], 0).unwrap();
+        b.drop_cached(0, 16384).unwrap(); // dirty pages stay until written back
+        b.sync().unwrap();
+        b.drop_cached(0, 0).unwrap(); // 0 = to the end of the file
+        let mut buf = vec![0u8; 16384];
+        b.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&x| x == 9));
     }
 }

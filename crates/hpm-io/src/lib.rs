@@ -45,6 +45,12 @@ pub trait Backend: Send + Sync {
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         Ok(None)
     }
+    /// A hint that the byte range will not be read again soon: a cache below the store (the
+    /// host page cache of a file) may drop it. Changes no data; the default does nothing.
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 impl<T: Backend + ?Sized> Backend for std::sync::Arc<T> {
@@ -69,6 +75,9 @@ impl<T: Backend + ?Sized> Backend for std::sync::Arc<T> {
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         (**self).allocated_bytes()
     }
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).drop_cached(offset, len)
+    }
 }
 
 impl<T: Backend + ?Sized> Backend for Box<T> {
@@ -92,5 +101,8 @@ impl<T: Backend + ?Sized> Backend for Box<T> {
     }
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         (**self).allocated_bytes()
+    }
+    fn drop_cached(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).drop_cached(offset, len)
     }
 }
