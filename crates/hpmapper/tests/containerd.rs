@@ -408,3 +408,56 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+#[test]
+fn orphan_devices_are_removed_and_corrupt_metadata_is_refused() {
+    if !daemon_env::requirements("snapshotter recovery", false, &[]) {
+        return;
+    }
+    let mut env = daemon_env::Env::new();
+    let socket = env.path("snap.sock");
+    let args = ["--containerd-socket", socket.to_str().unwrap()];
+    // A device of containerd's namespace that no snapshot names (a crash between making a
+    // layer and recording it) and one of Docker's namespace.
+    env.ok(&["device", "create", "containerd/42", "--size", "16M"]);
+    env.ok(&["device", "create", "docker/keep", "--size", "16M"]);
+    env.set_daemon_args(&args);
+    env.start_daemon();
+    let names: Vec<String> = env
+        .json(&["device", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["docker/keep"], "the orphan was not removed");
+    assert!(env.log().contains("no snapshot names"), "{}", env.log());
+    env.terminate_daemon(std::time::Duration::from_secs(20))
+        .expect("the daemon did not stop");
+
+    // Metadata that does not parse: the daemon refuses to start, naming the file, and
+    // leaves the file as it was.
+    let meta = env.pool.join("containerd/snapshots.json");
+    std::fs::write(&meta, b"{\"version\": 1, \"next_id\": ").unwrap();
+    let out = std::process::Command::new(daemon_env::BIN)
+        .arg("daemon")
+        .arg("--pool")
+        .arg(&env.pool)
+        .arg("--run-dir")
+        .arg(&env.run_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("snapshots.json") && err.contains("corrupt"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&meta).unwrap(),
+        b"{\"version\": 1, \"next_id\": "
+    );
+    assert!(!socket.exists(), "the socket outlived a failed start");
+    env.ok(&["check"]);
+}
