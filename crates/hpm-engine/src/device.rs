@@ -11,6 +11,7 @@ use crate::stats::*;
 use crate::{Error, ErrorKind, Result};
 use hpm_format::{Record, BLOCK_SIZE};
 use hpm_io::Backend;
+use smallvec::SmallVec;
 use std::sync::Arc;
 
 const B: u64 = BLOCK_SIZE;
@@ -32,6 +33,28 @@ enum Kind {
     New { old: Option<u64> },
     /// Chunk-granularity copy-on-write: copy `old` whole into the new block.
     Copy { old: u64 },
+}
+
+/// A run of a read plan: `n` blocks from virtual block `b0`, at consecutive physical blocks
+/// from `p0` (or unmapped, reading as zeros), through the cache or not.
+#[derive(Debug, Clone, Copy)]
+struct ReadRun {
+    b0: u64,
+    n: u64,
+    p0: Option<u64>,
+    cached: bool,
+}
+
+impl ReadRun {
+    /// Whether virtual block `b`, mapped to `p`, continues this run.
+    fn extends(&self, b: u64, p: Option<u64>, cached: bool) -> bool {
+        self.b0 + self.n == b
+            && match (self.p0, p) {
+                (Some(p0), Some(p)) => p == p0 + self.n && cached == self.cached,
+                (None, None) => true,
+                _ => false,
+            }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -170,13 +193,13 @@ impl Device {
         let (first, last) = (off / B, (off + len - 1) / B);
         // Held across the data I/O: the blocks planned cannot be reused until it is dropped.
         let _gate = inner.gate.read();
-        // Runs of blocks: (first block, count, first physical block or None for zeros,
-        // through the cache), and how many devices share each block (an eviction hint). The
-        // shared cache holds blocks several devices map; a block only one device maps is read
-        // straight from the data store (the host page cache holds it once either way), so
-        // large private reads and writes pay nothing for the cache.
-        let mut runs: Vec<(u64, u64, Option<u64>, bool)> = Vec::new();
-        let mut sharers: Vec<u32> = Vec::with_capacity((last - first + 1) as usize);
+        // The plan: runs of blocks, and how many devices share each block (an eviction hint).
+        // The shared cache holds blocks several devices map; a block only one device maps is
+        // read straight from the data store (the host page cache holds it once either way),
+        // so large private reads and writes pay nothing for the cache. Both live on the stack
+        // for small requests: a 4 KiB read allocates nothing.
+        let mut runs: SmallVec<[ReadRun; 4]> = SmallVec::new();
+        let mut sharers: SmallVec<[u32; 16]> = SmallVec::new();
         {
             let live = inner.live.read();
             let d = live
@@ -189,25 +212,25 @@ impl Device {
             }
             for b in first..=last {
                 let p = d.map.lookup(b, cb);
-                let refs = p.map_or(0, |p| live.st.space.refs(p));
+                let refs = p.map_or(0, |p| live.st.space.sharers(p));
                 sharers.push(refs);
                 let cached = p.is_some() && inner.cache.caches(refs);
                 match runs.last_mut() {
-                    Some((s, n, Some(p0), c))
-                        if p == Some(*p0 + *n) && *s + *n == b && *c == cached =>
-                    {
-                        *n += 1
-                    }
-                    Some((s, n, None, _)) if p.is_none() && *s + *n == b => *n += 1,
-                    _ => runs.push((b, 1, p, cached)),
+                    Some(r) if r.extends(b, p, cached) => r.n += 1,
+                    _ => runs.push(ReadRun {
+                        b0: b,
+                        n: 1,
+                        p0: p,
+                        cached,
+                    }),
                 }
             }
         }
-        let st = &inner.stats;
+        let st = inner.stats.local();
         st.add(&READS, 1);
         st.add(&READ_BYTES, len);
         let err = |e| Error::io(format!("reading device {:?} at byte {off}", self.name), e);
-        for (b0, n, p0, cached) in runs {
+        for ReadRun { b0, n, p0, cached } in runs {
             let (s, e) = (off.max(b0 * B), (off + len).min((b0 + n) * B));
             let dst = &mut buf[(s - off) as usize..(e - off) as usize];
             match (p0, cached.then_some(&inner.cache)) {

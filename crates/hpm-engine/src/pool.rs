@@ -3,9 +3,9 @@
 //! This module owns the locks and their order, and the commit protocol's sequencing:
 //!
 //! - `store` (Mutex): serializes commits and checkpoints. Taken first.
-//! - `gate` (RwLock): every read holds it shared across its data I/O; making freed blocks
-//!   reusable takes it exclusively, so no read can still be reading a block that another
-//!   device is about to be given.
+//! - `gate` (a sharded RwLock, `shard::Gate`): every read holds its thread's shard shared
+//!   across its data I/O; making freed blocks reusable takes every shard exclusively, so no
+//!   read can still be reading a block that another device is about to be given.
 //! - `stripes` (Mutex per (device, virtual chunk) hash): held by writes, discards and
 //!   write-zeroes across plan, data I/O and install, so one chunk of one device changes in
 //!   one place at a time.
@@ -16,6 +16,7 @@
 //! except at checkpoints, which must see a state with no install in progress.
 
 use crate::cache::{BlockCache, CacheConfig, CacheStats};
+use crate::shard::Gate;
 use crate::state::{check_name, DeviceState, Geometry, State};
 use crate::stats::{EngineStats, Stats};
 use crate::store::{Dev, PoolStorage, Store};
@@ -86,7 +87,7 @@ pub(crate) struct Inner {
     pub live: RwLock<Live>,
     pub store: Mutex<Store>,
     pub stripes: Box<[Mutex<()>]>,
-    pub gate: RwLock<()>,
+    pub gate: Gate,
     pub stats: Stats,
     pub cache: BlockCache,
     /// The pool directory, when opened from one (for `Pool::check`).
@@ -525,7 +526,7 @@ impl Pool {
                 }),
                 store: Mutex::new(store),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-                gate: RwLock::new(()),
+                gate: Gate::new(),
                 stats: Stats::default(),
                 cache: BlockCache::new(cache),
                 dir: std::sync::OnceLock::new(),
