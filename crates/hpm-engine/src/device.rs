@@ -12,6 +12,7 @@ use crate::{Error, ErrorKind, Result};
 use hpm_format::{Record, BLOCK_SIZE};
 use hpm_io::Backend;
 use smallvec::SmallVec;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 const B: u64 = BLOCK_SIZE;
@@ -21,6 +22,8 @@ const B: u64 = BLOCK_SIZE;
 pub struct Device {
     inner: Arc<Inner>,
     id: u32,
+    /// The device's size, kept in step by the state (see `DeviceState::size_seen`).
+    size: Arc<AtomicU64>,
     name: String,
     read_only: bool,
 }
@@ -64,16 +67,20 @@ struct Op {
     kind: Kind,
 }
 
+/// A write plan; on the stack for writes of up to 16 blocks.
+type Ops = SmallVec<[Op; 16]>;
+
 impl Pool {
     /// Opens device `name` for I/O.
     pub fn open_device(&self, name: &str) -> Result<Device> {
         let mut live = self.inner.live.write();
         let d = live.st.by_name(name).ok_or_else(|| not_found(name))?;
-        let (id, read_only) = (d.id, d.read_only);
+        let (id, read_only, size) = (d.id, d.read_only, d.size_seen.clone());
         *live.open.entry(id).or_default() += 1;
         Ok(Device {
             inner: self.inner.clone(),
             id,
+            size,
             name: name.to_string(),
             read_only,
         })
@@ -149,13 +156,7 @@ impl Device {
 
     /// Current size in bytes.
     pub fn size(&self) -> u64 {
-        self.inner
-            .live
-            .read()
-            .st
-            .devices
-            .get(&self.id)
-            .map_or(0, |d| d.size)
+        self.size.load(Ordering::Acquire)
     }
 
     fn range_error(&self, off: u64, len: u64, size: u64) -> Error {
@@ -355,7 +356,7 @@ impl Device {
         let vchunk = first / c;
         let _stripe = self.stripe(vchunk).lock();
         // Fast path: every block already owned, nothing to allocate or install.
-        let owned: Option<Vec<Op>> = {
+        let owned: Option<Ops> = {
             let live = inner.live.read();
             let d = live
                 .st
@@ -410,7 +411,7 @@ impl Device {
     }
 
     /// Plans a write that needs new blocks, reserving them.
-    fn plan_alloc(&self, first: u64, last: u64) -> Result<Vec<Op>> {
+    fn plan_alloc(&self, first: u64, last: u64) -> Result<Ops> {
         let inner = &*self.inner;
         let cb = inner.geo.chunk_blocks;
         let c = u64::from(cb);
@@ -421,10 +422,10 @@ impl Device {
             .devices
             .get(&self.id)
             .ok_or_else(|| not_found(&self.name))?;
-        let entry = d.map.get(vchunk).cloned();
-        let mut ops = Vec::new();
+        let entry = d.map.get(vchunk);
+        let mut ops = Ops::new();
         let chunk_copy = inner.cow == crate::CowGranularity::Chunk
-            && entry.as_ref().is_some_and(|e| {
+            && entry.is_some_and(|e| {
                 let mut shared = false;
                 e.for_each(cb, |_, p| shared |= !st.space.owned(p));
                 shared
@@ -443,7 +444,7 @@ impl Device {
         };
         if chunk_copy {
             // dm-thin style: every mapped block of the chunk moves to one new chunk.
-            let e = entry.expect("checked");
+            let e = entry.expect("checked").clone();
             let mut slots: Vec<(u64, Option<u64>)> = Vec::new();
             for i in 0..cb {
                 let b = vchunk * c + u64::from(i);
@@ -475,9 +476,8 @@ impl Device {
             );
             return Ok(ops);
         }
-        let d = st.devices.get(&self.id).expect("checked");
-        let current: Vec<Option<u64>> = (first..=last).map(|b| d.map.lookup(b, cb)).collect();
-        for (b, cur) in (first..=last).zip(current) {
+        for b in first..=last {
+            let cur = st.devices.get(&self.id).expect("checked").map.lookup(b, cb);
             match cur {
                 Some(p) if st.space.owned(p) => ops.push(Op {
                     vblock: b,

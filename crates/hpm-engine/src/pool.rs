@@ -88,6 +88,8 @@ pub(crate) struct Inner {
     pub store: Mutex<Store>,
     pub stripes: Box<[Mutex<()>]>,
     pub gate: Gate,
+    /// Set once a metadata write or sync failed (see `check_writable`).
+    pub meta_failed: std::sync::atomic::AtomicBool,
     pub stats: Stats,
     pub cache: BlockCache,
     /// The pool directory, when opened from one (for `Pool::check`).
@@ -527,6 +529,7 @@ impl Pool {
                 store: Mutex::new(store),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 gate: Gate::new(),
+                meta_failed: false.into(),
                 stats: Stats::default(),
                 cache: BlockCache::new(cache),
                 dir: std::sync::OnceLock::new(),
@@ -779,12 +782,16 @@ pub(crate) fn punch_runs(data: &Dev, blocks: &[u64]) {
 }
 
 impl Inner {
+    /// Refuses writes after an I/O failure. Cheap when healthy (two atomic loads): it must
+    /// not take `store`, which a commit holds across its syncs.
     pub(crate) fn check_writable(&self) -> Result<()> {
-        if let Some(why) = self
-            .data
-            .poisoned()
-            .or_else(|| self.store.lock().poisoned())
-        {
+        let meta = || {
+            self.meta_failed
+                .load(std::sync::atomic::Ordering::Acquire)
+                .then(|| self.store.lock().poisoned())
+                .flatten()
+        };
+        if let Some(why) = self.data.poisoned().or_else(meta) {
             return Err(Error::new(
                 ErrorKind::Io,
                 format!(
@@ -795,9 +802,24 @@ impl Inner {
         Ok(())
     }
 
+    /// Publishes a metadata store failure to `check_writable` (called with `store` held after
+    /// every operation that writes metadata; poisoning is sticky, so the flag never clears).
+    fn note_meta(&self, store: &Store) {
+        if store.poisoned().is_some() {
+            self.meta_failed
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// The commit protocol: data sync, then the journal batch, then frees become reusable.
     pub(crate) fn commit(&self) -> Result<()> {
         let mut store = self.store.lock();
+        let r = self.commit_locked(&mut store);
+        self.note_meta(&store);
+        r
+    }
+
+    fn commit_locked(&self, store: &mut Store) -> Result<()> {
         let (records, (frees, txn)) = {
             let mut live = self.live.write();
             (
@@ -813,7 +835,7 @@ impl Inner {
         self.stats.bump_commit();
         self.release(&frees, txn);
         if store.journal_bytes() > CHECKPOINT_AFTER {
-            self.checkpoint(&mut store, true)?;
+            self.checkpoint(store, true)?;
         }
         Ok(())
     }
@@ -836,6 +858,12 @@ impl Inner {
     /// Writes the whole state as a new checkpoint. Holds `live` exclusively so the state it
     /// writes has no half-installed write.
     pub(crate) fn checkpoint(&self, store: &mut Store, needs_check: bool) -> Result<()> {
+        let r = self.checkpoint_locked(store, needs_check);
+        self.note_meta(store);
+        r
+    }
+
+    fn checkpoint_locked(&self, store: &mut Store, needs_check: bool) -> Result<()> {
         let (frees, txn) = {
             let mut live = self.live.write();
             self.data

@@ -129,7 +129,10 @@ impl Space {
         refs[i] = 1;
         ch.used += 1;
         self.used_blocks += 1;
-        self.free_chunks.remove(&(c as u32));
+        // Only a chunk with no block in use is ever in the free set.
+        if ch.used == 1 {
+            self.free_chunks.remove(&(c as u32));
+        }
     }
 
     /// Adds a map reference to `p`.
