@@ -11,6 +11,8 @@ use crate::stats::*;
 use crate::{Error, ErrorKind, Result};
 use hpm_format::{Record, BLOCK_SIZE};
 use hpm_io::Backend;
+use smallvec::SmallVec;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 const B: u64 = BLOCK_SIZE;
@@ -20,6 +22,8 @@ const B: u64 = BLOCK_SIZE;
 pub struct Device {
     inner: Arc<Inner>,
     id: u32,
+    /// The device's size, kept in step by the state (see `DeviceState::size_seen`).
+    size: Arc<AtomicU64>,
     name: String,
     read_only: bool,
 }
@@ -34,6 +38,28 @@ enum Kind {
     Copy { old: u64 },
 }
 
+/// A run of a read plan: `n` blocks from virtual block `b0`, at consecutive physical blocks
+/// from `p0` (or unmapped, reading as zeros), through the cache or not.
+#[derive(Debug, Clone, Copy)]
+struct ReadRun {
+    b0: u64,
+    n: u64,
+    p0: Option<u64>,
+    cached: bool,
+}
+
+impl ReadRun {
+    /// Whether virtual block `b`, mapped to `p`, continues this run.
+    fn extends(&self, b: u64, p: Option<u64>, cached: bool) -> bool {
+        self.b0 + self.n == b
+            && match (self.p0, p) {
+                (Some(p0), Some(p)) => p == p0 + self.n && cached == self.cached,
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Op {
     vblock: u64,
@@ -41,16 +67,20 @@ struct Op {
     kind: Kind,
 }
 
+/// A write plan; on the stack for writes of up to 16 blocks.
+type Ops = SmallVec<[Op; 16]>;
+
 impl Pool {
     /// Opens device `name` for I/O.
     pub fn open_device(&self, name: &str) -> Result<Device> {
         let mut live = self.inner.live.write();
         let d = live.st.by_name(name).ok_or_else(|| not_found(name))?;
-        let (id, read_only) = (d.id, d.read_only);
+        let (id, read_only, size) = (d.id, d.read_only, d.size_seen.clone());
         *live.open.entry(id).or_default() += 1;
         Ok(Device {
             inner: self.inner.clone(),
             id,
+            size,
             name: name.to_string(),
             read_only,
         })
@@ -126,13 +156,7 @@ impl Device {
 
     /// Current size in bytes.
     pub fn size(&self) -> u64 {
-        self.inner
-            .live
-            .read()
-            .st
-            .devices
-            .get(&self.id)
-            .map_or(0, |d| d.size)
+        self.size.load(Ordering::Acquire)
     }
 
     fn range_error(&self, off: u64, len: u64, size: u64) -> Error {
@@ -170,13 +194,13 @@ impl Device {
         let (first, last) = (off / B, (off + len - 1) / B);
         // Held across the data I/O: the blocks planned cannot be reused until it is dropped.
         let _gate = inner.gate.read();
-        // Runs of blocks: (first block, count, first physical block or None for zeros,
-        // through the cache), and how many devices share each block (an eviction hint). The
-        // shared cache holds blocks several devices map; a block only one device maps is read
-        // straight from the data store (the host page cache holds it once either way), so
-        // large private reads and writes pay nothing for the cache.
-        let mut runs: Vec<(u64, u64, Option<u64>, bool)> = Vec::new();
-        let mut sharers: Vec<u32> = Vec::with_capacity((last - first + 1) as usize);
+        // The plan: runs of blocks, and how many devices share each block (an eviction hint).
+        // The shared cache holds blocks several devices map; a block only one device maps is
+        // read straight from the data store (the host page cache holds it once either way),
+        // so large private reads and writes pay nothing for the cache. Both live on the stack
+        // for small requests: a 4 KiB read allocates nothing.
+        let mut runs: SmallVec<[ReadRun; 4]> = SmallVec::new();
+        let mut sharers: SmallVec<[u32; 16]> = SmallVec::new();
         {
             let live = inner.live.read();
             let d = live
@@ -189,25 +213,25 @@ impl Device {
             }
             for b in first..=last {
                 let p = d.map.lookup(b, cb);
-                let refs = p.map_or(0, |p| live.st.space.refs(p));
+                let refs = p.map_or(0, |p| live.st.space.sharers(p));
                 sharers.push(refs);
                 let cached = p.is_some() && inner.cache.caches(refs);
                 match runs.last_mut() {
-                    Some((s, n, Some(p0), c))
-                        if p == Some(*p0 + *n) && *s + *n == b && *c == cached =>
-                    {
-                        *n += 1
-                    }
-                    Some((s, n, None, _)) if p.is_none() && *s + *n == b => *n += 1,
-                    _ => runs.push((b, 1, p, cached)),
+                    Some(r) if r.extends(b, p, cached) => r.n += 1,
+                    _ => runs.push(ReadRun {
+                        b0: b,
+                        n: 1,
+                        p0: p,
+                        cached,
+                    }),
                 }
             }
         }
-        let st = &inner.stats;
+        let st = inner.stats.local();
         st.add(&READS, 1);
         st.add(&READ_BYTES, len);
         let err = |e| Error::io(format!("reading device {:?} at byte {off}", self.name), e);
-        for (b0, n, p0, cached) in runs {
+        for ReadRun { b0, n, p0, cached } in runs {
             let (s, e) = (off.max(b0 * B), (off + len).min((b0 + n) * B));
             let dst = &mut buf[(s - off) as usize..(e - off) as usize];
             match (p0, cached.then_some(&inner.cache)) {
@@ -332,7 +356,7 @@ impl Device {
         let vchunk = first / c;
         let _stripe = self.stripe(vchunk).lock();
         // Fast path: every block already owned, nothing to allocate or install.
-        let owned: Option<Vec<Op>> = {
+        let owned: Option<Ops> = {
             let live = inner.live.read();
             let d = live
                 .st
@@ -387,7 +411,7 @@ impl Device {
     }
 
     /// Plans a write that needs new blocks, reserving them.
-    fn plan_alloc(&self, first: u64, last: u64) -> Result<Vec<Op>> {
+    fn plan_alloc(&self, first: u64, last: u64) -> Result<Ops> {
         let inner = &*self.inner;
         let cb = inner.geo.chunk_blocks;
         let c = u64::from(cb);
@@ -398,10 +422,10 @@ impl Device {
             .devices
             .get(&self.id)
             .ok_or_else(|| not_found(&self.name))?;
-        let entry = d.map.get(vchunk).cloned();
-        let mut ops = Vec::new();
+        let entry = d.map.get(vchunk);
+        let mut ops = Ops::new();
         let chunk_copy = inner.cow == crate::CowGranularity::Chunk
-            && entry.as_ref().is_some_and(|e| {
+            && entry.is_some_and(|e| {
                 let mut shared = false;
                 e.for_each(cb, |_, p| shared |= !st.space.owned(p));
                 shared
@@ -420,7 +444,7 @@ impl Device {
         };
         if chunk_copy {
             // dm-thin style: every mapped block of the chunk moves to one new chunk.
-            let e = entry.expect("checked");
+            let e = entry.expect("checked").clone();
             let mut slots: Vec<(u64, Option<u64>)> = Vec::new();
             for i in 0..cb {
                 let b = vchunk * c + u64::from(i);
@@ -452,9 +476,8 @@ impl Device {
             );
             return Ok(ops);
         }
-        let d = st.devices.get(&self.id).expect("checked");
-        let current: Vec<Option<u64>> = (first..=last).map(|b| d.map.lookup(b, cb)).collect();
-        for (b, cur) in (first..=last).zip(current) {
+        for b in first..=last {
+            let cur = st.devices.get(&self.id).expect("checked").map.lookup(b, cb);
             match cur {
                 Some(p) if st.space.owned(p) => ops.push(Op {
                     vblock: b,

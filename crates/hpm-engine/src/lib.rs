@@ -12,6 +12,7 @@ mod device;
 mod error;
 mod map;
 mod pool;
+mod shard;
 mod space;
 mod state;
 mod stats;

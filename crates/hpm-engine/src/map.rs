@@ -64,24 +64,19 @@ impl Entry {
         }
     }
 
-    fn to_blocks(&self, chunk_blocks: u32) -> Box<[u64]> {
-        (0..chunk_blocks)
-            .map(|i| self.block(i, chunk_blocks).unwrap_or(NO_BLOCK))
-            .collect()
-    }
-
     /// The compact form of `blocks`, if they line up in one physical chunk.
     fn compact_of(blocks: &[u64], chunk_blocks: u32) -> Option<Entry> {
         let c = u64::from(chunk_blocks);
         let mut pchunk = None;
-        let mut bits = vec![0u64; bitmap_words(chunk_blocks)];
+        // Stops at the first block out of line (a split entry that stays split usually has
+        // one among its first blocks) before allocating anything.
         for (i, &b) in blocks.iter().enumerate() {
-            if b == NO_BLOCK {
-                continue;
-            }
-            if b % c != i as u64 || *pchunk.get_or_insert(b / c) != b / c {
+            if b != NO_BLOCK && (b % c != i as u64 || *pchunk.get_or_insert(b / c) != b / c) {
                 return None;
             }
+        }
+        let mut bits = vec![0u64; bitmap_words(chunk_blocks)];
+        for (i, _) in blocks.iter().enumerate().filter(|(_, &b)| b != NO_BLOCK) {
             bits[i / 64] |= 1 << (i % 64);
         }
         let pchunk = u32::try_from(pchunk?).ok()?;
@@ -139,6 +134,32 @@ fn mask_tail(bits: &mut [u64], chunk_blocks: u32) {
     }
 }
 
+fn is_full(bits: &[u64], chunk_blocks: u32) -> bool {
+    let n = bits.len();
+    bits.iter().enumerate().all(|(k, &w)| {
+        w == if k + 1 == n && !chunk_blocks.is_multiple_of(64) {
+            (1u64 << (chunk_blocks % 64)) - 1
+        } else {
+            u64::MAX
+        }
+    })
+}
+
+/// A presence bitmap holding slot `i` only.
+fn one_bit(i: u32, chunk_blocks: u32) -> Box<[u64]> {
+    let mut bits = vec![0u64; bitmap_words(chunk_blocks)];
+    bits[i as usize / 64] |= 1 << (i % 64);
+    bits.into()
+}
+
+/// The smallest entry for per-slot `blocks`: none if empty, compact if they line up.
+fn settle(blocks: Box<[u64]>, chunk_blocks: u32) -> Option<Entry> {
+    if blocks.iter().all(|&b| b == NO_BLOCK) {
+        return None;
+    }
+    Some(Entry::compact_of(&blocks, chunk_blocks).unwrap_or(Entry::Split(blocks)))
+}
+
 fn compress_bits(bits: Vec<u64>, chunk_blocks: u32) -> Option<Box<[u64]>> {
     (bits != full_bits(chunk_blocks)).then(|| bits.into_boxed_slice())
 }
@@ -194,6 +215,8 @@ impl DeviceMap {
 
     /// Maps (or with `None` unmaps) one virtual block; returns the physical block it had.
     /// Keeps each entry in its smallest form: compact when the blocks line up, split when not.
+    /// Changes an entry in place where it can (a split entry's slot, a compact entry's bit)
+    /// and scans a split entry for a collapse only when the change can make it line up.
     pub(crate) fn set_block(
         &mut self,
         vblock: u64,
@@ -210,19 +233,20 @@ impl DeviceMap {
             }
             return old;
         }
-        let next = match (slot.take(), new) {
-            (None, None) => None,
-            (None, Some(p)) => {
-                let mut blocks = vec![NO_BLOCK; chunk_blocks as usize];
-                blocks[i as usize] = p;
-                Entry::compact_of(&blocks, chunk_blocks).or(Some(Entry::Split(blocks.into())))
+        let own_offset = new.is_some_and(|p| p % c == u64::from(i));
+        match (slot.as_mut(), new) {
+            (Some(Entry::Split(blocks)), n) => {
+                blocks[i as usize] = n.unwrap_or(NO_BLOCK);
+                // A block off its own offset keeps the entry split; otherwise it may line up
+                // again (or, after an unmap, be empty).
+                if n.is_none() || own_offset {
+                    *slot = settle(std::mem::take(blocks), chunk_blocks);
+                }
             }
             (Some(Entry::Compact { pchunk, present }), n)
-                if n.is_none() || n == Some(u64::from(pchunk) * c + u64::from(i)) =>
+                if n.is_none() || n == Some(u64::from(*pchunk) * c + u64::from(i)) =>
             {
-                let mut bits = present
-                    .map(Vec::from)
-                    .unwrap_or_else(|| full_bits(chunk_blocks));
+                let bits = present.get_or_insert_with(|| full_bits(chunk_blocks).into());
                 let (w, b) = (i as usize / 64, i % 64);
                 if n.is_some() {
                     bits[w] |= 1 << b;
@@ -230,25 +254,62 @@ impl DeviceMap {
                     bits[w] &= !(1 << b);
                 }
                 if bits.iter().all(|&x| x == 0) {
-                    None
-                } else {
+                    *slot = None;
+                } else if is_full(bits, chunk_blocks) {
+                    *present = None;
+                }
+            }
+            (Some(Entry::Compact { pchunk, present }), Some(p)) => {
+                // The block moves off the entry's chunk (a copy-on-write): the entry becomes
+                // split, unless slot i is its only block and lands at its own offset.
+                let others = match present {
+                    None => chunk_blocks,
+                    Some(bits) => bits.iter().map(|w| w.count_ones()).sum(),
+                } - u32::from(old.is_some());
+                *slot = if others == 0 && own_offset {
                     Some(Entry::Compact {
-                        pchunk,
-                        present: compress_bits(bits, chunk_blocks),
+                        pchunk: u32::try_from(p / c).expect("physical chunk fits in u32"),
+                        present: Some(one_bit(i, chunk_blocks)),
                     })
-                }
-            }
-            (Some(e), n) => {
-                let mut blocks = e.to_blocks(chunk_blocks);
-                blocks[i as usize] = n.unwrap_or(NO_BLOCK);
-                if blocks.iter().all(|&b| b == NO_BLOCK) {
-                    None
                 } else {
-                    Entry::compact_of(&blocks, chunk_blocks).or(Some(Entry::Split(blocks)))
-                }
+                    let base = u64::from(*pchunk) * c;
+                    let mut blocks = vec![NO_BLOCK; chunk_blocks as usize].into_boxed_slice();
+                    match present {
+                        None => {
+                            for (j, b) in blocks.iter_mut().enumerate() {
+                                *b = base + j as u64;
+                            }
+                        }
+                        Some(bits) => {
+                            for (j, b) in blocks.iter_mut().enumerate() {
+                                if bits[j / 64] >> (j % 64) & 1 == 1 {
+                                    *b = base + j as u64;
+                                }
+                            }
+                        }
+                    }
+                    blocks[i as usize] = p;
+                    Some(Entry::Split(blocks))
+                };
             }
-        };
-        *slot = next;
+            (None, Some(p)) => {
+                *slot = Some(if own_offset {
+                    Entry::Compact {
+                        pchunk: u32::try_from(p / c).expect("physical chunk fits in u32"),
+                        present: Some(one_bit(i, chunk_blocks)),
+                    }
+                } else {
+                    let mut blocks = vec![NO_BLOCK; chunk_blocks as usize].into_boxed_slice();
+                    blocks[i as usize] = p;
+                    Entry::Split(blocks)
+                });
+            }
+            (None, None) | (Some(Entry::Compact { .. }), None) => {
+                unreachable!(
+                    "unmapping an unmapped slot is handled above, a mapped one by the in-place arm"
+                )
+            }
+        }
         if slot.is_none() {
             self.drop_page_if_empty(v);
         }
@@ -343,6 +404,53 @@ mod tests {
         assert!(m.get(0).is_none());
         assert_eq!(m.entries().count(), 0);
         assert!(m.pages.iter().all(Option::is_none));
+    }
+
+    /// Random maps and unmaps against a plain per-slot model: after every change the entry
+    /// is exactly the canonical form of the model's slots (none when empty, compact when the
+    /// blocks line up, split otherwise), whatever path `set_block` took.
+    #[test]
+    fn set_block_keeps_the_canonical_form() {
+        use rand::{Rng, SeedableRng};
+        for cb in [16u32, 32, 128] {
+            let c = u64::from(cb);
+            let mut r = rand::rngs::SmallRng::seed_from_u64(u64::from(cb));
+            let mut m = DeviceMap::default();
+            let mut model = vec![NO_BLOCK; cb as usize];
+            for step in 0..20_000 {
+                let i = r.random_range(0..cb) as usize;
+                let new = match r.random_range(0..10) {
+                    0..=1 => None,
+                    // Own offset in one of a few chunks: lines up often.
+                    2..=7 => Some(r.random_range(1..4u64) * c + i as u64),
+                    _ => Some(r.random_range(0..8 * c)),
+                };
+                let old = m.set_block(5 * c + i as u64, new, cb);
+                let want_old = Some(model[i]).filter(|&b| b != NO_BLOCK);
+                assert_eq!(old, want_old, "cb {cb} step {step}");
+                model[i] = new.unwrap_or(NO_BLOCK);
+                let want = settle(model.clone().into(), cb);
+                assert_eq!(m.get(5), want.as_ref(), "cb {cb} step {step}");
+                for (j, &b) in model.iter().enumerate() {
+                    let got = m.lookup(5 * c + j as u64, cb);
+                    assert_eq!(got, Some(b).filter(|&b| b != NO_BLOCK));
+                }
+                if r.random_range(0..500) == 0 {
+                    // Fill the chunk at its own offsets: a full compact entry, no bitmap.
+                    for (j, slot) in model.iter_mut().enumerate() {
+                        m.set_block(5 * c + j as u64, Some(2 * c + j as u64), cb);
+                        *slot = 2 * c + j as u64;
+                    }
+                    assert_eq!(
+                        m.get(5),
+                        Some(&Entry::Compact {
+                            pchunk: 2,
+                            present: None
+                        })
+                    );
+                }
+            }
+        }
     }
 
     #[test]

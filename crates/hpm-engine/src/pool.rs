@@ -3,9 +3,9 @@
 //! This module owns the locks and their order, and the commit protocol's sequencing:
 //!
 //! - `store` (Mutex): serializes commits and checkpoints. Taken first.
-//! - `gate` (RwLock): every read holds it shared across its data I/O; making freed blocks
-//!   reusable takes it exclusively, so no read can still be reading a block that another
-//!   device is about to be given.
+//! - `gate` (a sharded RwLock, `shard::Gate`): every read holds its thread's shard shared
+//!   across its data I/O; making freed blocks reusable takes every shard exclusively, so no
+//!   read can still be reading a block that another device is about to be given.
 //! - `stripes` (Mutex per (device, virtual chunk) hash): held by writes, discards and
 //!   write-zeroes across plan, data I/O and install, so one chunk of one device changes in
 //!   one place at a time.
@@ -16,6 +16,7 @@
 //! except at checkpoints, which must see a state with no install in progress.
 
 use crate::cache::{BlockCache, CacheConfig, CacheStats};
+use crate::shard::Gate;
 use crate::state::{check_name, DeviceState, Geometry, State};
 use crate::stats::{EngineStats, Stats};
 use crate::store::{Dev, PoolStorage, Store};
@@ -86,7 +87,9 @@ pub(crate) struct Inner {
     pub live: RwLock<Live>,
     pub store: Mutex<Store>,
     pub stripes: Box<[Mutex<()>]>,
-    pub gate: RwLock<()>,
+    pub gate: Gate,
+    /// Set once a metadata write or sync failed (see `check_writable`).
+    pub meta_failed: std::sync::atomic::AtomicBool,
     pub stats: Stats,
     pub cache: BlockCache,
     /// The pool directory, when opened from one (for `Pool::check`).
@@ -525,7 +528,8 @@ impl Pool {
                 }),
                 store: Mutex::new(store),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-                gate: RwLock::new(()),
+                gate: Gate::new(),
+                meta_failed: false.into(),
                 stats: Stats::default(),
                 cache: BlockCache::new(cache),
                 dir: std::sync::OnceLock::new(),
@@ -784,12 +788,16 @@ pub(crate) fn punch_runs(data: &Dev, blocks: &[u64]) {
 }
 
 impl Inner {
+    /// Refuses writes after an I/O failure. Cheap when healthy (two atomic loads): it must
+    /// not take `store`, which a commit holds across its syncs.
     pub(crate) fn check_writable(&self) -> Result<()> {
-        if let Some(why) = self
-            .data
-            .poisoned()
-            .or_else(|| self.store.lock().poisoned())
-        {
+        let meta = || {
+            self.meta_failed
+                .load(std::sync::atomic::Ordering::Acquire)
+                .then(|| self.store.lock().poisoned())
+                .flatten()
+        };
+        if let Some(why) = self.data.poisoned().or_else(meta) {
             return Err(Error::new(
                 ErrorKind::Io,
                 format!(
@@ -800,9 +808,24 @@ impl Inner {
         Ok(())
     }
 
+    /// Publishes a metadata store failure to `check_writable` (called with `store` held after
+    /// every operation that writes metadata; poisoning is sticky, so the flag never clears).
+    fn note_meta(&self, store: &Store) {
+        if store.poisoned().is_some() {
+            self.meta_failed
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// The commit protocol: data sync, then the journal batch, then frees become reusable.
     pub(crate) fn commit(&self) -> Result<()> {
         let mut store = self.store.lock();
+        let r = self.commit_locked(&mut store);
+        self.note_meta(&store);
+        r
+    }
+
+    fn commit_locked(&self, store: &mut Store) -> Result<()> {
         let (records, (frees, txn)) = {
             let mut live = self.live.write();
             (
@@ -818,7 +841,7 @@ impl Inner {
         self.stats.bump_commit();
         self.release(&frees, txn);
         if store.journal_bytes() > CHECKPOINT_AFTER {
-            self.checkpoint(&mut store, true)?;
+            self.checkpoint(store, true)?;
         }
         Ok(())
     }
@@ -841,6 +864,12 @@ impl Inner {
     /// Writes the whole state as a new checkpoint. Holds `live` exclusively so the state it
     /// writes has no half-installed write.
     pub(crate) fn checkpoint(&self, store: &mut Store, needs_check: bool) -> Result<()> {
+        let r = self.checkpoint_locked(store, needs_check);
+        self.note_meta(store);
+        r
+    }
+
+    fn checkpoint_locked(&self, store: &mut Store, needs_check: bool) -> Result<()> {
         let (frees, txn) = {
             let mut live = self.live.write();
             self.data

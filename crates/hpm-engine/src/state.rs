@@ -8,6 +8,8 @@ use crate::map::{DeviceMap, Entry};
 use crate::space::Space;
 use hpm_format::{CheckpointState, DeviceRecord, EntryRecord, Record, BLOCK_SIZE, NO_BLOCK};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Fixed properties of a pool.
 #[derive(Clone, Copy, Debug)]
@@ -20,6 +22,9 @@ pub(crate) struct DeviceState {
     pub id: u32,
     pub name: String,
     pub size: u64,
+    /// `size` again, for the device's handles to check a write's range without `live`.
+    /// Updated with `size` (grow only), so a handle never sees a size the state does not have.
+    pub size_seen: Arc<AtomicU64>,
     pub read_only: bool,
     pub origin: String,
     pub map: DeviceMap,
@@ -93,6 +98,7 @@ impl State {
                     id: *id,
                     name: name.clone(),
                     size: *size,
+                    size_seen: Arc::new(AtomicU64::new(*size)),
                     read_only: *read_only,
                     origin: String::new(),
                     map: DeviceMap::default(),
@@ -111,6 +117,7 @@ impl State {
                     id: *id,
                     name: name.clone(),
                     size: o.size,
+                    size_seen: Arc::new(AtomicU64::new(o.size)),
                     read_only: *read_only,
                     origin: o.name.clone(),
                     map,
@@ -137,7 +144,9 @@ impl State {
                         d.name, d.size
                     ));
                 }
-                self.devices.get_mut(id).expect("checked").size = *size;
+                let d = self.devices.get_mut(id).expect("checked");
+                d.size = *size;
+                d.size_seen.store(*size, Ordering::Release);
             }
             Record::Map {
                 dev,
@@ -312,6 +321,7 @@ impl State {
                 id: d.id,
                 name: d.name.clone(),
                 size: d.size,
+                size_seen: Arc::new(AtomicU64::new(d.size)),
                 read_only: d.read_only,
                 origin: d.origin.clone(),
                 map,

@@ -7,10 +7,14 @@
 use crate::Backend;
 use parking_lot::Mutex;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Wraps a backend; the first failed mutation poisons it for all later mutations.
 pub struct Checked<B> {
     inner: B,
+    /// Set (after `poison`) once poisoned: every write checks this, not the mutex, so
+    /// concurrent writers share no written cache line on the healthy path.
+    failed: AtomicBool,
     poison: Mutex<Option<String>>,
 }
 
@@ -19,6 +23,7 @@ impl<B: Backend> Checked<B> {
     pub fn new(inner: B) -> Self {
         Self {
             inner,
+            failed: AtomicBool::new(false),
             poison: Mutex::new(None),
         }
     }
@@ -30,10 +35,16 @@ impl<B: Backend> Checked<B> {
 
     /// Why the backend is poisoned, if it is.
     pub fn poisoned(&self) -> Option<String> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
         self.poison.lock().clone()
     }
 
     fn check(&self) -> io::Result<()> {
+        if !self.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match &*self.poison.lock() {
             Some(why) => Err(io::Error::other(format!(
                 "writes refused after an earlier I/O failure ({why}); reopen the pool to recover"
@@ -48,6 +59,7 @@ impl<B: Backend> Checked<B> {
             if p.is_none() {
                 *p = Some(format!("{op} failed: {e}"));
             }
+            self.failed.store(true, Ordering::Release);
         }
         r
     }

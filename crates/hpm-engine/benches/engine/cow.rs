@@ -10,18 +10,52 @@
 //! turns inside every round with a fifth peer, the filesystem's own cost of the same pattern:
 //! a 4 KiB pwrite into a hole of a sparse raw file (a first write there allocates, as a
 //! copy-on-write's new block does) against a pwrite over the block just written.
+//!
+//! Two more pools of the block 512K geometry separate the engine's work from the host's: one
+//! on a data file written with zeros first (preallocated), and one on a data store that
+//! drops writes and reads zeros (`Discard`: the engine's own work only, no data I/O).
 
 use crate::progress;
 use crate::report::{ratios, Section, Summary, Target};
 use crate::setup::{create_pool, fill_device, label, pattern, rng, Config, BLOCK, KIB, MIB, R};
-use hpm_engine::{CowGranularity, EngineStats, Pool};
+use hpm_engine::{CowGranularity, EngineStats, Pool, PoolStorage};
+use hpm_io::{Backend, MemBackend};
 use rand::Rng;
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 const BASE: u64 = 64 * MIB;
+
+/// A data store that keeps nothing: writes succeed at once, reads return zeros. With it a
+/// write costs only the engine's own work (plan, allocation, map update, journal records).
+struct Discard(AtomicU64);
+
+impl Backend for Discard {
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn punch(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.load(Ordering::Relaxed))
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.store(len, Ordering::Relaxed);
+        Ok(())
+    }
+}
 /// Spacing of the raw peer's first writes: each lands in its own untouched region.
 const RAW_STRIDE: u64 = 512 * KIB;
 
@@ -189,6 +223,27 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
         labels.push(l);
     }
     let prealloc_i = subjects.len() - 1;
+    {
+        let l = "block 512K, discarding data store (engine work only)".to_string();
+        progress!("cow: building pool {l}: metadata in memory, data dropped");
+        let storage = PoolStorage {
+            superblock: Box::new(MemBackend::new()),
+            meta: [Box::new(MemBackend::new()), Box::new(MemBackend::new())],
+            data: Box::new(Discard(AtomicU64::new(0))),
+        };
+        let opts = hpm_engine::PoolOptions {
+            chunk_size: 512 * KIB,
+            ..hpm_engine::PoolOptions::default()
+        };
+        let p = Pool::create_on(storage, &opts, 512 * MIB, String::new(), None)?;
+        p.create_device("base", BASE)?;
+        let d = p.open_device("base")?;
+        fill_device(&d, BASE, &fill)?;
+        drop(d);
+        p.flush()?;
+        subjects.push(Subject::Pool(p));
+        labels.push(l);
+    }
     let raw = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -315,6 +370,8 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
     ));
     sec.note("`flush after each write` calls Device::flush after every write: data fdatasync, then (only if records are pending, i.e. after a first write) a journal append + fsync of the metadata file; an overwrite of an owned block has no metadata to commit. The raw peer calls fdatasync after each pwrite.");
     sec.note("The raw-file peer is a sparse 8 GiB file in the same directory: a first write into a hole makes the filesystem allocate (a new page-cache page, a delayed-allocation reservation), as the new block of a copy-on-write does in the pool's sparse data file.");
+    sec.note("`preallocated data store`: the data file is written with zeros in 1 MiB pwrites and synced before the pool is created, so a first write lands in a block that is allocated and cached, but clean, cold and inside a large page-cache folio made by those 1 MiB writes (a 4 KiB buffered write walks every buffer head of its folio). Freed blocks are still punched (each round removes its snapshot), so the store does not stay fully allocated either. It is not a measure of the engine's work alone; `discarding data store` is.");
+    sec.note("`discarding data store (engine work only)`: the same geometry with metadata in memory and a data store that drops writes (and reads zeros): the time is the engine's own work (plan, allocation, map update, records), with no data I/O and no fsync cost; informational, not a target.");
     let chunk_512 = &results[0][pos(CowGranularity::Chunk, 512 * KIB)];
     if Summary::of(&chunk_512.first_read).median == 0.0
         && Summary::of(&chunk_512.first_copied).median > 0.0
