@@ -60,11 +60,10 @@ print("Images are built in each dockerd from a static busybox rootfs (no registr
       "file is built (the shared cache outlives containers, so reusing one file would measure a "
       "warm cache); host caches dropped; N containers `cat` it at once; "
       "`hpmapper status --json` cache.backend_read_bytes before/after.\n")
-print("Caveat: drop_caches drops the kernel page cache only; hpmapper's own userspace block cache "
-      "(shared or per-device) is not dropped, so in experiment 2 hpmapper and dm-like may serve "
-      "image blocks from their cache after round 1 (dm-like's per-device caches belong to each "
-      "new container's device and start empty; hpmapper's shared cache is keyed by physical "
-      "block and may be warm: that sharing across containers is its design).\n")
+print("Cold starts: experiment 2 drops the host page cache and both hpmapper daemons' block "
+      "caches (`hpmapper cache drop`) before every run. The dm-like daemon also drops from the "
+      "host page cache every block it reads from its data file, as dm-thin's reads reach the "
+      "disk without a shared cache.\n")
 
 if cow:
     print("## 1. Copy-on-write latency (ms)\n")
