@@ -2,10 +2,8 @@
 //! complete.
 //!
 //! This module owns the request pipeline. A reader parses requests and has `command`
-//! validate them; the blocking device call runs on tokio's blocking pool (except a small
-//! READ with nothing else in flight, which runs in place: at queue depth 1 the hop to
-//! another thread and back would be most of its latency); a writer, the only owner of the
-//! write half, sends replies in completion order from a channel. Two semaphores bound what a connection holds: `MAX_IN_FLIGHT`
+//! validate them; the blocking device call runs on tokio's blocking pool; a writer, the only owner of the write half, sends replies in completion
+//! order from a channel. Two semaphores bound what a connection holds: `MAX_IN_FLIGHT`
 //! requests and `MAX_IN_FLIGHT_BYTES` of payload (write data read, read data not yet
 //! sent); their permits travel with the reply and are released once it is written.
 //!
@@ -31,9 +29,6 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 pub(crate) const MAX_IN_FLIGHT: usize = 64;
 /// Payload bytes held per connection; at least `MAX_PAYLOAD`, so any one request fits.
 pub(crate) const MAX_IN_FLIGHT_BYTES: u32 = 2 * proto::MAX_PAYLOAD;
-/// READs up to this size, with no other request of the connection in flight, run in place
-/// (`block_in_place`) instead of on the blocking pool.
-const INLINE_READ_MAX: u32 = 64 << 10;
 /// How long replies may take to drain after shutdown before a client that does not read
 /// them is cut off.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -66,8 +61,6 @@ where
     let structured = export.structured;
     let session = Session {
         device: Arc::new(export.device),
-        inline: tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread,
         counters: counters.clone(),
         count: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         bytes: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize)),
@@ -92,9 +85,6 @@ where
 
 struct Session {
     device: Arc<Device>,
-    /// Whether small reads may run in place (`block_in_place` needs the multi-threaded
-    /// runtime).
-    inline: bool,
     counters: Arc<Counters>,
     count: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
@@ -137,20 +127,7 @@ impl Session {
             }
             // Everything that touches the device, its size included (it takes the
             // engine's metadata lock, which a checkpoint can hold for a while), runs on the
-            // blocking pool, or in place after telling the runtime this thread blocks;
-            // never plainly on the runtime's threads.
-            if self.inline
-                && req.kind == cmd::READ
-                && req.length <= INLINE_READ_MAX
-                && self.count.available_permits() == MAX_IN_FLIGHT - 1
-            {
-                let dev = &self.device;
-                let result = tokio::task::block_in_place(|| {
-                    prepare(&req, dev.size(), read_only, payload).and_then(|w| execute(dev, w))
-                });
-                let _ = tx.send(finish(&self.counters, &req, result, permits));
-                continue;
-            }
+            // blocking pool, never on the runtime's threads.
             let (dev, counters, tx) = (self.device.clone(), self.counters.clone(), tx.clone());
             tokio::task::spawn_blocking(move || {
                 let result = prepare(&req, dev.size(), read_only, payload)
