@@ -7,7 +7,7 @@
 //! shims of its namespace), then `daemon_env::Env`'s own guard: unmount what is left under
 //! the temporary directory, stop the hpmapper daemon, detach our loop devices.
 
-use crate::daemon_env::{requirements, Env};
+use crate::daemon_env::{requirements, signal, tail, Env};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -91,9 +91,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// The last `lines` lines of containerd's output.
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = fs::read_to_string(self.log_path()).unwrap_or_default();
-        let v: Vec<&str> = log.lines().collect();
-        v[v.len().saturating_sub(lines)..].join("\n")
+        tail(&self.log_path(), lines)
     }
 
     /// Starts containerd and waits until it answers.
@@ -277,15 +275,6 @@ impl Drop for Containerd {
         }
         self.stop();
     }
-}
-
-/// `kill -SIG pid` with the shell's builtin (std sends only SIGKILL).
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill -{sig} {pid}"))
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// A pool (20 GiB, sparse), the hpmapper daemon serving the snapshotter on a socket in the

@@ -373,11 +373,7 @@ pub fn detach_loop(dev: &Path) {
 
 /// SIGTERM, then SIGKILL after `timeout`; the exit status if SIGTERM ended it.
 fn stop(mut child: Child, timeout: Duration) -> Option<ExitStatus> {
-    // The shell's builtin `kill`: no procps needed, and std has no way to send SIGTERM.
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill -TERM {}", child.id()))
-        .status();
+    signal(child.id(), "TERM");
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Ok(Some(st)) = child.try_wait() {
@@ -523,4 +519,21 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     }
     v.truncate(len);
     v
+}
+
+/// `kill -SIG pid` with the shell's builtin: no procps needed, and std sends only SIGKILL.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -{sig} {pid}"))
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The last `lines` lines of the text file `path` (empty if it cannot be read).
+#[allow(dead_code)] // for the dockerd and containerd harnesses
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
 }

@@ -13,7 +13,7 @@
 //! daemon left one, then `daemon_env::Env`'s own guard: unmount what is left under the
 //! temporary directory, stop the hpmapper daemon, detach our loop devices.
 
-use crate::daemon_env::{requirements, Env};
+use crate::daemon_env::{requirements, signal, tail, Env};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -144,9 +144,7 @@ impl Dockerd {
 
     /// The last `lines` lines of dockerd's output (every start of it).
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = fs::read_to_string(self.log_path()).unwrap_or_default();
-        let v: Vec<&str> = log.lines().collect();
-        v[v.len().saturating_sub(lines)..].join("\n")
+        tail(&self.log_path(), lines)
     }
 
     /// Starts dockerd and waits until its API answers.
@@ -399,15 +397,6 @@ impl Drop for Dockerd {
         }
         self.stop();
     }
-}
-
-/// `kill -SIG pid` with the shell's builtin (std sends only SIGKILL).
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(format!("kill -{sig} {pid}"))
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// A pool (20 GiB, sparse), the hpmapper daemon serving it with the graphdriver plugin on a
