@@ -130,6 +130,17 @@ impl MetaFile {
         write().map_err(|e| io(format!("writing {}", self.path.display()), e))
     }
 
+    /// Changes the snapshots with `change` and saves the table; if saving fails, the table
+    /// is left as it was, so memory never holds what the file does not.
+    pub(super) fn apply(
+        &mut self,
+        change: impl FnOnce(&mut BTreeMap<String, Record>),
+    ) -> Result<()> {
+        let before = self.table.snapshots.clone();
+        change(&mut self.table.snapshots);
+        self.save().inspect_err(|_| self.table.snapshots = before)
+    }
+
     /// The record of `key`, or `NotFound`.
     pub(super) fn get(&self, key: &str) -> Result<&Record> {
         self.table.snapshots.get(key).ok_or_else(|| not_found(key))
@@ -147,7 +158,7 @@ impl MetaFile {
 }
 
 /// `NotFound` for `key`.
-pub(super) fn not_found(key: &str) -> Error {
+fn not_found(key: &str) -> Error {
     Error::new(Code::NotFound, format!("snapshot {key:?} does not exist"))
 }
 
@@ -227,6 +238,27 @@ mod tests {
         .unwrap();
         let e = MetaFile::open(dir.path()).err().unwrap();
         assert!(e.message.contains("version 9"), "{e}");
+    }
+
+    #[test]
+    fn a_failed_save_leaves_the_table_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        let mut m = MetaFile::open(&state).unwrap();
+        m.apply(|s| {
+            s.insert("kept".into(), record(1, Kind::Committed, None));
+        })
+        .unwrap();
+        fs::remove_dir_all(&state).unwrap();
+        let e = m
+            .apply(|s| {
+                s.remove("kept");
+                s.insert("new".into(), record(2, Kind::Active, Some("kept")));
+            })
+            .unwrap_err();
+        assert_eq!(e.code, Code::Internal, "{e}");
+        assert_eq!(m.table.snapshots.keys().collect::<Vec<_>>(), ["kept"]);
     }
 
     #[test]

@@ -28,7 +28,7 @@
 
 mod meta;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -37,7 +37,7 @@ use hpm_layers::{BlockDevices, LayerStore, Layout, StoreOptions};
 use parking_lot::Mutex;
 
 use crate::{Code, Error, Info, Kind, Labels, Mount, Result, Snapshotter, Usage};
-use meta::{not_found, now_ns, MetaFile, Record};
+use meta::{now_ns, MetaFile, Record};
 
 /// The pool device-name prefix of containerd's snapshots.
 pub const NAMESPACE: &str = "containerd/";
@@ -140,7 +140,7 @@ impl BlockSnapshotter {
         let layers = self.store.layers();
         let mut st = self.state.lock();
         let mut changed = false;
-        let known: std::collections::HashSet<String> = st
+        let known: HashSet<String> = st
             .file
             .table
             .snapshots
@@ -156,7 +156,7 @@ impl BlockSnapshotter {
                 tracing::warn!(layer, "could not remove it: {e}");
             }
         }
-        let present: std::collections::HashSet<&String> = layers.iter().collect();
+        let present: HashSet<&String> = layers.iter().collect();
         let lost: Vec<String> = st
             .file
             .table
@@ -243,25 +243,20 @@ impl BlockSnapshotter {
         st.pending.remove(key);
         let recorded = made.and_then(|block| {
             let now = now_ns();
-            st.file.table.snapshots.insert(
-                key.to_string(),
-                Record {
-                    id,
-                    kind,
-                    parent: parent.map(str::to_string),
-                    created_ns: now,
-                    updated_ns: now,
-                    labels,
-                    usage: None,
-                },
-            );
-            match st.file.save() {
-                Ok(()) => Ok(block),
-                Err(e) => {
-                    st.file.table.snapshots.remove(key);
-                    Err(e)
-                }
-            }
+            let record = Record {
+                id,
+                kind,
+                parent: parent.map(str::to_string),
+                created_ns: now,
+                updated_ns: now,
+                labels,
+                usage: None,
+            };
+            st.file
+                .apply(|s| {
+                    s.insert(key.to_string(), record);
+                })
+                .map(|()| block)
         });
         match recorded {
             Ok(block) => {
@@ -288,8 +283,8 @@ impl Snapshotter for BlockSnapshotter {
     fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
         let mut st = self.state.lock();
         let key = info.name.as_str();
-        let r = st.file.get(key)?;
-        let mut labels = r.labels.clone();
+        let mut new = st.file.get(key)?.clone();
+        let mut labels = new.labels.clone();
         if fieldpaths.is_empty() {
             labels = info.labels.clone();
         }
@@ -310,22 +305,13 @@ impl Snapshotter for BlockSnapshotter {
                 ));
             }
         }
-        let old = st
-            .file
-            .table
-            .snapshots
-            .get(key)
-            .cloned()
-            .ok_or_else(|| not_found(key))?;
-        let mut new = old.clone();
         new.labels = labels;
         new.updated_ns = now_ns();
-        st.file.table.snapshots.insert(key.to_string(), new.clone());
-        if let Err(e) = st.file.save() {
-            st.file.table.snapshots.insert(key.to_string(), old);
-            return Err(e);
-        }
-        Ok(new.info(key))
+        let info = new.info(key);
+        st.file.apply(|s| {
+            s.insert(key.to_string(), new);
+        })?;
+        Ok(info)
     }
 
     fn usage(&self, key: &str) -> Result<Usage> {
@@ -402,15 +388,12 @@ impl Snapshotter for BlockSnapshotter {
             updated_ns: now,
             labels,
             usage: Some(usage),
-            ..r.clone()
+            ..r
         };
-        st.file.table.snapshots.remove(key);
-        st.file.table.snapshots.insert(name.to_string(), committed);
-        if let Err(e) = st.file.save() {
-            st.file.table.snapshots.remove(name);
-            st.file.table.snapshots.insert(key.to_string(), r);
-            return Err(e);
-        }
+        st.file.apply(|s| {
+            s.remove(key);
+            s.insert(name.to_string(), committed);
+        })?;
         tracing::info!(key, name, layer, usage, "snapshot committed");
         Ok(())
     }
@@ -436,11 +419,9 @@ impl Snapshotter for BlockSnapshotter {
                 format!("cannot remove {key:?}: {e}; unmount it first"),
             )
         })?;
-        st.file.table.snapshots.remove(key);
-        if let Err(e) = st.file.save() {
-            st.file.table.snapshots.insert(key.to_string(), r);
-            return Err(e);
-        }
+        st.file.apply(|s| {
+            s.remove(key);
+        })?;
         drop(st);
         // Forgotten durably: a failure here leaves a layer that `cleanup` removes.
         if let Err(e) = self.store.remove(&layer) {
@@ -462,17 +443,24 @@ impl Snapshotter for BlockSnapshotter {
     }
 
     fn cleanup(&self) -> Result<()> {
+        // The layers a record names or a prepare in flight has (a layer, no record yet), and
+        // the first id not handed out: a prepare starting later gets an id at or above it.
+        let (named, next_id) = {
+            let st = self.state.lock();
+            let named: HashSet<u64> = st
+                .file
+                .table
+                .snapshots
+                .values()
+                .map(|r| r.id)
+                .chain(st.pending.values().map(|(_, id)| *id))
+                .collect();
+            (named, st.file.table.next_id)
+        };
         let mut removed = 0;
         for layer in self.store.layers() {
-            // A prepare in flight has a layer but no record yet: leave those alone.
-            let named = {
-                let st = self.state.lock();
-                let id = layer.parse::<u64>().ok();
-                st.file.table.snapshots.values().any(|r| Some(r.id) == id)
-                    || st.pending.values().any(|(_, p)| Some(*p) == id)
-                    || id.is_none_or(|id| id >= st.file.table.next_id)
-            };
-            if named {
+            let id = layer.parse::<u64>().ok();
+            if id.is_none_or(|id| id >= next_id || named.contains(&id)) {
                 continue;
             }
             match self.store.remove(&layer) {
