@@ -8,9 +8,11 @@
 //! - [`fault`]: a wrapper that makes any backend fail chosen operations with EIO or ENOSPC;
 //! - [`model`]: the reference model of devices, snapshots and their crash guarantees, the
 //!   oracle that property tests compare the engine against;
-//! - [`workload`]: deterministic, recognisable data to write.
+//! - [`workload`]: deterministic, recognisable data to write;
+//! - [`host`]: what a test needs of the machine, failing under CI and skipping elsewhere.
 
 pub mod crash;
 pub mod fault;
+pub mod host;
 pub mod model;
 pub mod workload;

@@ -14,34 +14,12 @@ pub const MIB: u64 = 1 << 20;
 /// Whether the machine can run a kernel-facing test needing `tools` (and loop devices if
 /// `needs_loop`). A missing requirement fails the test under CI=true and skips it otherwise.
 pub fn requirements(test: &str, needs_loop: bool, tools: &[&str]) -> bool {
-    let mut missing: Vec<String> = Vec::new();
-    if !rustix::process::geteuid().is_root() {
-        missing.push("root".into());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        missing.push("/dev/fuse".into());
-    }
-    if needs_loop && !Path::new("/dev/loop-control").exists() {
-        missing.push("/dev/loop-control".into());
-    }
-    for t in tools {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {t}"))
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            missing.push((*t).into());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: cannot run under CI, missing {missing:?}");
-    }
-    eprintln!("skipping {test}: missing {missing:?} (set CI=true to make this a failure)");
-    false
+    let devices: &[&str] = if needs_loop {
+        &["/dev/fuse", "/dev/loop-control"]
+    } else {
+        &["/dev/fuse"]
+    };
+    hpm_testkit::host::require(test, true, devices, tools)
 }
 
 /// A pool in a temporary directory and an export mounted in it. Fields drop in order: the

@@ -17,16 +17,7 @@ use tar::{EntryType, Header};
 /// Device nodes and foreign owners need root. Under CI (root) a missing root fails loudly;
 /// elsewhere the test is skipped with a note.
 pub fn have_root(test: &str) -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root (device nodes, chown, trusted./security. xattrs); CI must run it as root");
-    }
-    eprintln!(
-        "skipping {test}: it needs root (device nodes, chown); run the tests as root to cover it"
-    );
-    false
+    hpm_testkit::host::require(test, true, &[], &[])
 }
 
 /// A temporary directory on /var/tmp (ext4 here: user.* xattrs work, unlike some tmpfs).

@@ -23,33 +23,12 @@ pub const NAMESPACE: &str = "docker/";
 /// Whether this machine can run the store's tests (root, /dev/fuse, loop devices,
 /// e2fsprogs). Missing something fails under CI=true and skips with a note otherwise.
 pub fn requirements(test: &str) -> bool {
-    let mut missing: Vec<String> = Vec::new();
-    if !rustix::process::geteuid().is_root() {
-        missing.push("root".into());
-    }
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            missing.push(dev.into());
-        }
-    }
-    for tool in ["mkfs.ext4", "tune2fs", "resize2fs", "e2fsck", "df"] {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            missing.push(tool.into());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: cannot run under CI, missing {missing:?}");
-    }
-    eprintln!("skipping {test}: missing {missing:?} (set CI=true to make this a failure)");
-    false
+    hpm_testkit::host::require(
+        test,
+        true,
+        &["/dev/fuse", "/dev/loop-control"],
+        &["mkfs.ext4", "tune2fs", "resize2fs", "e2fsck", "df"],
+    )
 }
 
 /// [`BlockDevices`] as the daemon implements it: export the device as a FUSE file, attach a

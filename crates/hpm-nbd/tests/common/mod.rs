@@ -100,19 +100,7 @@ impl Drop for Served {
 
 /// Whether `bin` is installed. Missing under CI=true is a failure, not a skip.
 pub fn have(bin: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {bin} >/dev/null"))
-        .status()
-        .is_ok_and(|s| s.success());
-    if found {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{bin} is not installed, and CI must run this test (scripts/test installs it)");
-    }
-    eprintln!("note: skipping this test: {bin} is not installed");
-    false
+    hpm_testkit::host::require(&format!("a test that runs {bin}"), false, &[], &[bin])
 }
 
 /// Output of a finished client: exit code and stdout+stderr.

@@ -7,7 +7,7 @@
 //! shims of its namespace), then `daemon_env::Env`'s own guard: unmount what is left under
 //! the temporary directory, stop the hpmapper daemon, detach our loop devices.
 
-use crate::daemon_env::{requirements, signal, tail, Env};
+use crate::daemon_env::{append, requirements, signal, stop, tail, Env};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -97,11 +97,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// Starts containerd and waits until it answers.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "containerd is already running");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        let log = append(&self.log_path());
         let child = Command::new("containerd")
             .arg("--config")
             .arg(self.path("config.toml"))
@@ -148,21 +144,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// SIGTERM and wait; SIGKILL after 20 s, and then the shims of our namespace.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return;
         };
-        signal(child.id(), "TERM");
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if stop(child, STOP_TIMEOUT).is_none() {
+            eprintln!("containerd did not stop within {STOP_TIMEOUT:?}: SIGKILL");
+            self.kill_shims();
         }
-        eprintln!("containerd did not stop within {STOP_TIMEOUT:?}: SIGKILL");
-        let _ = child.kill();
-        let _ = child.wait();
-        self.kill_shims();
     }
 
     /// Kills the shims started by this containerd (their command line names its address).

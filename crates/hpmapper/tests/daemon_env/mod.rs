@@ -27,44 +27,12 @@ const DAEMON_TIMEOUT: Duration = Duration::from_secs(10);
 /// export), loop devices if `needs_loop`, and `tools` on the PATH. A missing requirement fails
 /// the test under CI=true and skips it with a note otherwise.
 pub fn requirements(test: &str, needs_loop: bool, tools: &[&str]) -> bool {
-    let mut missing: Vec<String> = Vec::new();
-    if !is_root() {
-        missing.push("root".into());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        missing.push("/dev/fuse".into());
-    }
-    if needs_loop && !Path::new("/dev/loop-control").exists() {
-        missing.push("/dev/loop-control".into());
-    }
-    for t in tools {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {t}"))
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            missing.push((*t).into());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: cannot run under CI=true, missing {missing:?} (scripts/test installs the tools; CI runs as root with /dev/fuse and loop devices)");
-    }
-    eprintln!("skipping {test}: missing {missing:?} (under CI=true this is a failure)");
-    false
-}
-
-/// The effective uid is 0 (third field of `Uid:` in /proc/self/status).
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
-            .unwrap_or(false)
-    })
+    let devices: &[&str] = if needs_loop {
+        &["/dev/fuse", "/dev/loop-control"]
+    } else {
+        &["/dev/fuse"]
+    };
+    hpm_testkit::host::require(test, true, devices, tools)
 }
 
 /// A pool at `<tmp>/pool`, a run directory at `<tmp>/run`, and the daemon serving them.
@@ -134,11 +102,7 @@ impl Env {
     /// Starts `hpmapper daemon --pool P --run-dir R` and waits until it answers.
     pub fn start_daemon(&mut self) {
         assert!(self.daemon.is_none(), "a daemon is already running");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        let log = append(&self.log_path());
         let child = Command::new(BIN)
             .arg("daemon")
             .arg("--pool")
@@ -218,15 +182,7 @@ impl Env {
 
     /// Runs the CLI with `input` on stdin.
     pub fn run_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        child.wait_with_output().unwrap()
+        output_with_stdin(self.command(args), input)
     }
 
     /// Runs a command that must succeed; returns its stdout.
@@ -372,7 +328,7 @@ pub fn detach_loop(dev: &Path) {
 }
 
 /// SIGTERM, then SIGKILL after `timeout`; the exit status if SIGTERM ended it.
-fn stop(mut child: Child, timeout: Duration) -> Option<ExitStatus> {
+pub fn stop(mut child: Child, timeout: Duration) -> Option<ExitStatus> {
     signal(child.id(), "TERM");
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -536,4 +492,32 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let v: Vec<&str> = text.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs `cmd` with `input` on its stdin, written by a thread of its own (the command may
+/// answer, and fail, before it has read all of it); returns its output.
+pub fn output_with_stdin(mut cmd: Command, input: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+/// `path` opened for appending (created if missing): the log of a process a harness starts.
+pub fn append(path: &Path) -> fs::File {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
 }

@@ -13,7 +13,7 @@
 //! daemon left one, then `daemon_env::Env`'s own guard: unmount what is left under the
 //! temporary directory, stop the hpmapper daemon, detach our loop devices.
 
-use crate::daemon_env::{requirements, signal, tail, Env};
+use crate::daemon_env::{append, output_with_stdin, requirements, signal, tail, Env};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -150,11 +150,7 @@ impl Dockerd {
     /// Starts dockerd and waits until its API answers.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "dockerd is already running");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        let log = append(&self.log_path());
         let mut c = Command::new("dockerd");
         c.args(["--experimental", "--storage-driver", &self.driver]);
         for o in &self.storage_opts {
@@ -297,22 +293,7 @@ impl Dockerd {
 
     /// Runs the client with `input` on stdin.
     pub fn run_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let input = input.to_vec();
-        // A writer thread: the client may answer (and fail) before reading all of stdin.
-        let writer = std::thread::spawn(move || {
-            let _ = stdin.write_all(&input);
-        });
-        let out = child.wait_with_output().unwrap();
-        writer.join().unwrap();
-        out
+        output_with_stdin(self.command(args), input)
     }
 
     /// Checks that a client command succeeded (panics with its output and dockerd's log
