@@ -256,6 +256,46 @@ impl BlockCache {
         }
     }
 
+    /// The bookkeeping of a hit on entry `e` by device `dev`: its frequency and readers.
+    /// The caller then calls [`BlockCache::hit_done`].
+    fn hit(&self, e: &mut Entry, dev: u32) {
+        let bonus = if e.readers.contains(&dev) {
+            1
+        } else {
+            e.readers.push(dev);
+            Counters::gauge(&self.c.per_device, &self.c.per_device_peak, B as i64);
+            2
+        };
+        e.freq = (e.freq + bonus).min(3);
+    }
+
+    /// The rest of a hit's bookkeeping, once the entry is no longer borrowed.
+    fn hit_done(&self, sh: &mut Shard, key: Key) {
+        if self.cfg.policy == CachePolicy::Lru {
+            sh.touch_lru(key);
+        }
+        self.c.hits.fetch_add(1, Relaxed);
+    }
+
+    /// If physical block `p` is cached for device `dev`, copies its bytes `from..` into
+    /// `out` (which must end within the block), counts a hit and returns true; otherwise
+    /// touches nothing (no miss is counted) and returns false. The hit path of a small read,
+    /// which then needs no sharing hint.
+    pub(crate) fn read_cached(&self, dev: u32, p: u64, from: usize, out: &mut [u8]) -> bool {
+        debug_assert!(from + out.len() <= B);
+        let key = (self.owner(dev), p);
+        let mut sh = self.shards[shard_of(p)].lock();
+        match sh.map.get_mut(&key) {
+            Some(Slot::Ready(e)) => {
+                out.copy_from_slice(&e.data[from..from + out.len()]);
+                self.hit(e, dev);
+                self.hit_done(&mut sh, key);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Reads physical blocks `p0..p0 + out.len()/4096` into `out` for device `dev`;
     /// `sharers[i]` is how many devices map block i (a hint for eviction). Returns the bytes
     /// read from the backend.
@@ -278,18 +318,8 @@ impl BlockCache {
             match sh.map.get_mut(&key) {
                 Some(Slot::Ready(e)) => {
                     out[i * B..(i + 1) * B].copy_from_slice(&e.data);
-                    let bonus = if e.readers.contains(&dev) {
-                        1
-                    } else {
-                        e.readers.push(dev);
-                        Counters::gauge(&self.c.per_device, &self.c.per_device_peak, B as i64);
-                        2
-                    };
-                    e.freq = (e.freq + bonus).min(3);
-                    if self.cfg.policy == CachePolicy::Lru {
-                        sh.touch_lru(key);
-                    }
-                    self.c.hits.fetch_add(1, Relaxed);
+                    self.hit(e, dev);
+                    self.hit_done(&mut sh, key);
                 }
                 Some(Slot::Loading(f)) => {
                     waits.push((i, f.clone()));

@@ -194,6 +194,31 @@ impl Device {
         let (first, last) = (off / B, (off + len - 1) / B);
         // Held across the data I/O: the blocks planned cannot be reused until it is dropped.
         let _gate = inner.gate.read();
+        let st = inner.stats.local();
+        // A read within one block that the cache holds needs no plan and no sharing hint: the
+        // cache is asked first. (The hint is a reference count, a load that depends on the
+        // map's answer; on a deep snapshot chain, whose chunks are split, that is the second
+        // dependent cache miss of every read.)
+        if first == last && inner.cache.enabled() {
+            let p = {
+                let live = inner.live.read();
+                let d = live
+                    .st
+                    .devices
+                    .get(&self.id)
+                    .ok_or_else(|| not_found(&self.name))?;
+                if off + len > d.size {
+                    return Err(self.range_error(off, len, d.size));
+                }
+                d.map.lookup(first, cb)
+            };
+            let from = (off - first * B) as usize;
+            if p.is_some_and(|p| inner.cache.read_cached(self.id, p, from, buf)) {
+                st.add(&READS, 1);
+                st.add(&READ_BYTES, len);
+                return Ok(());
+            }
+        }
         // The plan: runs of blocks, and how many devices share each block (an eviction hint).
         // The shared cache holds blocks several devices map; a block only one device maps is
         // read straight from the data store (the host page cache holds it once either way),
@@ -227,7 +252,6 @@ impl Device {
                 }
             }
         }
-        let st = inner.stats.local();
         st.add(&READS, 1);
         st.add(&READ_BYTES, len);
         let err = |e| Error::io(format!("reading device {:?} at byte {off}", self.name), e);

@@ -279,3 +279,30 @@ fn clear_empties_every_mode_and_the_next_reads_go_to_the_backend() {
         );
     }
 }
+
+#[test]
+fn read_cached_serves_part_of_a_cached_block_and_leaves_misses_alone() {
+    let be = backend(4);
+    for mode in [CacheMode::Shared, CacheMode::PerDevice] {
+        let c = cache(mode, 1024, CachePolicy::S3Fifo);
+        let mut part = [0u8; 100];
+        // Not cached: nothing copied, nothing counted, nothing loaded.
+        assert!(!c.read_cached(1, 2, 7, &mut part));
+        assert_eq!((c.stats().hits, c.stats().misses), (0, 0));
+        assert_eq!(c.stats().cached_bytes, 0);
+        let mut blk = vec![0u8; B];
+        c.read(1, 2, &mut blk, &[2], &*be).unwrap();
+        assert!(c.read_cached(1, 2, B - 100, &mut part));
+        assert!(part.iter().all(|&x| x == 3), "block 2 holds 3s");
+        assert_eq!(c.stats().hits, 1);
+        // Another device: a hit on the shared copy, a miss on its own in per-device mode.
+        assert_eq!(c.read_cached(2, 2, 0, &mut part), mode == CacheMode::Shared);
+        // A write through the cache is what later hits see.
+        c.written(1, 2, &[8u8; B]);
+        assert!(c.read_cached(1, 2, 0, &mut part));
+        assert!(part.iter().all(|&x| x == 8));
+        // A freed block is gone.
+        c.invalidate(&[2]);
+        assert!(!c.read_cached(1, 2, 0, &mut part));
+    }
+}
