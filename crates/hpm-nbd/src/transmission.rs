@@ -2,8 +2,9 @@
 //! complete.
 //!
 //! This module owns the request pipeline. A reader parses requests and has `command`
-//! validate them; the blocking device call runs on tokio's blocking pool; a writer, the only owner of the write half, sends replies in completion
-//! order from a channel. Two semaphores bound what a connection holds: `MAX_IN_FLIGHT`
+//! validate them; the blocking device call runs on tokio's blocking pool (or, for a request
+//! alone in its connection, in place under `block_in_place`); a writer, the only owner of
+//! the write half, sends replies in completion order from a channel. Two semaphores bound what a connection holds: `MAX_IN_FLIGHT`
 //! requests and `MAX_IN_FLIGHT_BYTES` of payload (write data read, read data not yet
 //! sent); their permits travel with the reply and are released once it is written.
 //!
@@ -22,7 +23,7 @@ use crate::Shutdown;
 use hpm_engine::Device;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Requests in flight per connection.
@@ -46,7 +47,7 @@ struct Done {
 /// Serves requests until the client disconnects, breaks the protocol, or `shutdown`.
 /// Returns once every request in flight has been answered (or the socket failed).
 pub(crate) async fn serve<R, W>(
-    r: &mut R,
+    r: &mut BufReader<R>,
     w: &mut W,
     export: Export,
     counters: &Arc<Counters>,
@@ -91,7 +92,11 @@ struct Session {
 }
 
 impl Session {
-    async fn read_requests<R>(&self, r: &mut R, tx: &mpsc::UnboundedSender<Done>) -> Result<(), End>
+    async fn read_requests<R>(
+        &self,
+        r: &mut BufReader<R>,
+        tx: &mpsc::UnboundedSender<Done>,
+    ) -> Result<(), End>
     where
         R: AsyncRead + Unpin,
     {
@@ -119,6 +124,8 @@ impl Session {
                 cmd::READ if req.length <= proto::MAX_PAYLOAD => req.length,
                 _ => 0,
             };
+            // Alone: nothing in flight and no next request waiting in our buffer.
+            let alone = self.count.available_permits() == MAX_IN_FLIGHT && r.buffer().is_empty();
             let permits = self.acquire(payload_len).await;
             let mut payload = Vec::new();
             if req.kind == cmd::WRITE {
@@ -126,8 +133,20 @@ impl Session {
                 r.read_exact(&mut payload).await?;
             }
             // Everything that touches the device, its size included (it takes the
-            // engine's metadata lock, which a checkpoint can hold for a while), runs on the
-            // blocking pool, never on the runtime's threads.
+            // engine's metadata lock, which a checkpoint can hold for a while), runs off the
+            // runtime's worker threads: a request alone in its connection (a client at queue
+            // depth 1) runs right here with `block_in_place`, which hands this worker's other
+            // tasks to another thread first, so its reply needs no hop to the blocking pool
+            // and back (each hop is a thread wake-up, tens of microseconds on an idle vCPU);
+            // otherwise it goes to the blocking pool so requests overlap.
+            if alone && inline_allowed() {
+                let result = tokio::task::block_in_place(|| {
+                    prepare(&req, self.device.size(), read_only, payload)
+                        .and_then(|work| execute(&self.device, work))
+                });
+                let _ = tx.send(finish(&self.counters, &req, result, permits));
+                continue;
+            }
             let (dev, counters, tx) = (self.device.clone(), self.counters.clone(), tx.clone());
             tokio::task::spawn_blocking(move || {
                 let result = prepare(&req, dev.size(), read_only, payload)
@@ -162,6 +181,13 @@ impl Session {
         };
         (count, bytes)
     }
+}
+
+/// Whether `block_in_place` may be used here: only on a multi-threaded runtime (the
+/// daemon's; a current-thread runtime, as in unit tests, would panic).
+fn inline_allowed() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// Counts a finished request and packs it for the writer.
