@@ -244,6 +244,14 @@ impl BlockCache {
         self.enabled() && (sharers > 1 || self.cfg.mode == CacheMode::PerDevice)
     }
 
+    /// Whether the cache may hold a block whose chunk has shared blocks (`chunk_shared`) or
+    /// has none: the question before [`BlockCache::read_cached`], answered without the
+    /// block's own reference count. A block of a chunk nobody shares is read around the
+    /// cache in shared mode (see [`BlockCache::caches`]).
+    pub(crate) fn may_hold(&self, chunk_shared: bool) -> bool {
+        self.enabled() && (chunk_shared || self.cfg.mode == CacheMode::PerDevice)
+    }
+
     pub(crate) fn config(&self) -> CacheConfig {
         self.cfg
     }

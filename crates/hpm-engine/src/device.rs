@@ -195,12 +195,15 @@ impl Device {
         // Held across the data I/O: the blocks planned cannot be reused until it is dropped.
         let _gate = inner.gate.read();
         let st = inner.stats.local();
-        // A read within one block that the cache holds needs no plan and no sharing hint: the
-        // cache is asked first. (The hint is a reference count, a load that depends on the
-        // map's answer; on a deep snapshot chain, whose chunks are split, that is the second
-        // dependent cache miss of every read.)
-        if first == last && inner.cache.enabled() {
-            let p = {
+        // A read within one block needs no plan. Unmapped, it is zeros; in a chunk where no
+        // block is shared (a container's own data), it goes straight to the data store, as
+        // the plan would send it; otherwise the cache is asked before the block's reference
+        // count (the sharing hint) is looked at, and a hit is served at once. That count is
+        // a load that depends on the map's answer: on a deep snapshot chain, whose chunks
+        // are split, the second dependent cache miss of the read. A miss takes the general
+        // path below.
+        if first == last {
+            let (p, chunk_shared) = {
                 let live = inner.live.read();
                 let d = live
                     .st
@@ -210,15 +213,44 @@ impl Device {
                 if off + len > d.size {
                     return Err(self.range_error(off, len, d.size));
                 }
-                d.map.lookup(first, cb)
+                let p = d.map.lookup(first, cb);
+                (p, p.is_some_and(|p| live.st.space.chunk_shared(p)))
             };
             let from = (off - first * B) as usize;
-            if p.is_some_and(|p| inner.cache.read_cached(self.id, p, from, buf)) {
-                st.add(&READS, 1);
-                st.add(&READ_BYTES, len);
-                return Ok(());
+            match p {
+                None => {
+                    buf.fill(0);
+                    st.add(&ZERO_BLOCKS_READ, 1);
+                }
+                Some(p) if !inner.cache.may_hold(chunk_shared) => {
+                    inner.data.read_at(buf, p * B + from as u64).map_err(|e| {
+                        Error::io(format!("reading device {:?} at byte {off}", self.name), e)
+                    })?;
+                    st.add(&BACKEND_READS, 1);
+                    st.add(&BACKEND_READ_BYTES, len);
+                }
+                Some(p) if inner.cache.read_cached(self.id, p, from, buf) => {}
+                Some(_) => return self.read_planned(buf, off, first, last, st),
             }
+            st.add(&READS, 1);
+            st.add(&READ_BYTES, len);
+            return Ok(());
         }
+        self.read_planned(buf, off, first, last, st)
+    }
+
+    /// The general read path: plans runs of blocks through the cache or around it.
+    fn read_planned(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+        first: u64,
+        last: u64,
+        st: &Counters,
+    ) -> Result<()> {
+        let inner = &*self.inner;
+        let len = buf.len() as u64;
+        let cb = inner.geo.chunk_blocks;
         // The plan: runs of blocks, and how many devices share each block (an eviction hint).
         // The shared cache holds blocks several devices map; a block only one device maps is
         // read straight from the data store (the host page cache holds it once either way),

@@ -101,6 +101,14 @@ impl Space {
         }
     }
 
+    /// Whether any block of `p`'s chunk has two or more references (one load: the chunk's
+    /// count of shared blocks). False means `p`, mapped, has exactly one.
+    pub(crate) fn chunk_shared(&self, p: u64) -> bool {
+        self.chunks
+            .get(self.split(p).0)
+            .is_some_and(|ch| ch.shared > 0)
+    }
+
     /// Whether the device holding `p` may overwrite it in place: its only reference, also in
     /// the durable state (no sharer dropped it in a transaction not yet durable).
     pub(crate) fn owned(&self, p: u64) -> bool {
