@@ -86,6 +86,8 @@ pub(crate) struct Inner {
     pub data: Dev,
     pub live: RwLock<Live>,
     pub store: Mutex<Store>,
+    /// Group commit: commits begun and the last one that succeeded (see `commit`).
+    pub commit_gen: Mutex<CommitGen>,
     pub stripes: Box<[Mutex<()>]>,
     pub gate: Gate,
     /// Set once a metadata write or sync failed (see `check_writable`).
@@ -96,6 +98,15 @@ pub(crate) struct Inner {
     pub dir: std::sync::OnceLock<PathBuf>,
     pub closed: std::sync::atomic::AtomicBool,
     _lock: Option<File>,
+}
+
+/// Commit numbers for group commit; changed only by a committer holding the store mutex.
+#[derive(Default)]
+pub(crate) struct CommitGen {
+    /// Commits begun (the number of the latest).
+    begun: u64,
+    /// The latest commit that succeeded.
+    ok: u64,
 }
 
 /// A thin pool. Cheap to clone; all clones share one pool.
@@ -527,6 +538,7 @@ impl Pool {
                     open: HashMap::new(),
                 }),
                 store: Mutex::new(store),
+                commit_gen: Mutex::new(CommitGen::default()),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 gate: Gate::new(),
                 meta_failed: false.into(),
@@ -818,9 +830,29 @@ impl Inner {
     }
 
     /// The commit protocol: data sync, then the journal batch, then frees become reusable.
+    /// Makes every write and metadata change completed before this call durable.
+    ///
+    /// Group commit: callers that arrive while a commit runs share the next one. A commit
+    /// that begins after this call takes every record and syncs every data write completed
+    /// before it, so once one such commit has succeeded there is nothing left to do. The
+    /// caller reads the number of the next commit under `commit_gen`, the mutex the
+    /// committer takes to begin one: what the caller saw completed happens before that
+    /// commit takes its records and syncs the data.
     pub(crate) fn commit(&self) -> Result<()> {
+        let need = self.commit_gen.lock().begun + 1;
         let mut store = self.store.lock();
+        if self.commit_gen.lock().ok >= need {
+            return Ok(());
+        }
+        let n = {
+            let mut g = self.commit_gen.lock();
+            g.begun += 1;
+            g.begun
+        };
         let r = self.commit_locked(&mut store);
+        if r.is_ok() {
+            self.commit_gen.lock().ok = n;
+        }
         self.note_meta(&store);
         r
     }
