@@ -28,7 +28,9 @@ cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
 mem = sh("free -g | awk '/Mem:/ {print $2}'")
 disk = sh(f"df --output=source,fstype {bench_dir} | tail -1")
 print("# Docker storage drivers: `scripts/bench/docker`\n")
-print(f"Date {datetime.date.today()}, command `ROUNDS={rounds} FULL={full} scripts/bench/docker`, "
+peers_env = "" if peers == ["overlay2", "vfs", "btrfs", "hpmapper", "dm-like"] or skipped else \
+    f"PEERS=\"{' '.join(peers)}\" "
+print(f"Date {datetime.date.today()}, command `ROUNDS={rounds} FULL={full} {peers_env}scripts/bench/docker`, "
       f"tree {git}, {elapsed} s. Machine: {os.cpu_count()} cores ({cpu}), {mem} GiB RAM, kernel "
       f"{platform.release()}, bench directory {bench_dir} on `{disk}`, Docker "
       f"{sh('dockerd --version')}.\n")
@@ -36,16 +38,24 @@ print("## Method\n")
 print("One private dockerd per peer (own data-root, exec-root, socket and containerd namespaces; "
       "the system dockerd is not touched), all up at once; every measurement is taken on every "
       f"peer in turn (interleaved) in each of {rounds} rounds; figures are medians (min-max) over rounds.\n")
-print("- **overlay2**: `--storage-driver overlay2`, data-root on the bench directory (ext4).")
-print("- **vfs**: `--storage-driver vfs` (full copies).")
-print("- **btrfs**: `--storage-driver btrfs`, data-root a loop-mounted 20 GiB btrfs file." +
-      (f" SKIPPED: {skipped}." if skipped else ""))
-print("- **hpmapper**: `hpmapper pool create` (block CoW, 512K chunks), `hpmapper daemon --docker` "
-      "(shared cache, default 512M), graphdriver plugin socket in /run/docker/plugins.")
-print("- **dm-like** (devicemapper-like baseline): `hpmapper pool create --cow-granularity chunk "
-      "--chunk-size 64K`, `hpmapper daemon --cache-mode per-device --docker` (a cache per "
-      "device, and, like dm-thin's bios to its data device, no shared cache below it: each "
-      "block read from the data file is dropped from the host page cache at once).\n")
+method = {
+    "overlay2": "- **overlay2**: `--storage-driver overlay2`, data-root on the bench directory (ext4).",
+    "vfs": "- **vfs**: `--storage-driver vfs` (full copies).",
+    "btrfs": "- **btrfs**: `--storage-driver btrfs`, data-root a loop-mounted 20 GiB btrfs file.",
+    "hpmapper": "- **hpmapper**: `hpmapper pool create` (block CoW, 512K chunks), `hpmapper daemon "
+                "--docker` (shared cache, default 512M), graphdriver plugin socket in "
+                "/run/docker/plugins.",
+    "dm-like": "- **dm-like** (devicemapper-like baseline): `hpmapper pool create --cow-granularity "
+               "chunk --chunk-size 64K`, `hpmapper daemon --cache-mode per-device --docker` (a "
+               "cache per device, and, like dm-thin's bios to its data device, no shared cache "
+               "below it: each block read from the data file is dropped from the host page cache "
+               "at once).",
+}
+for p in peers:
+    print(method.get(p, f"- **{p}**"))
+if skipped:
+    print(f"- SKIPPED: {skipped}.")
+print()
 print("Images are built in each dockerd from a static busybox rootfs (no registry). "
       "1. CoW latency: in a fresh container per round, the static helper "
       "`scripts/bench/cowprobe` first writes and fsyncs a new file outside the image (warm-up: the "
