@@ -7,6 +7,7 @@
 //! never hand a read a block that could be reused before the read ends (see `pool`'s gate).
 
 use crate::pool::{not_found, Inner, Pool};
+use crate::state::{DeviceState, State};
 use crate::stats::*;
 use crate::{Error, ErrorKind, Result};
 use hpm_format::{Record, BLOCK_SIZE};
@@ -205,15 +206,7 @@ impl Device {
         if first == last {
             let (p, chunk_shared) = {
                 let live = inner.live.read();
-                let d = live
-                    .st
-                    .devices
-                    .get(&self.id)
-                    .ok_or_else(|| not_found(&self.name))?;
-                if off + len > d.size {
-                    return Err(self.range_error(off, len, d.size));
-                }
-                let p = d.map.lookup(first, cb);
+                let p = self.in_range(&live.st, off, len)?.map.lookup(first, cb);
                 (p, p.is_some_and(|p| live.st.space.chunk_shared(p)))
             };
             let from = (off - first * B) as usize;
@@ -239,6 +232,18 @@ impl Device {
         self.read_planned(buf, off, first, last, st)
     }
 
+    /// This device's state in `st`, once `off..off + len` is checked to lie within it.
+    fn in_range<'a>(&self, st: &'a State, off: u64, len: u64) -> Result<&'a DeviceState> {
+        let d = st
+            .devices
+            .get(&self.id)
+            .ok_or_else(|| not_found(&self.name))?;
+        if off.checked_add(len).is_none_or(|e| e > d.size) {
+            return Err(self.range_error(off, len, d.size));
+        }
+        Ok(d)
+    }
+
     /// The general read path: plans runs of blocks through the cache or around it.
     fn read_planned(
         &self,
@@ -260,14 +265,7 @@ impl Device {
         let mut sharers: SmallVec<[u32; 16]> = SmallVec::new();
         {
             let live = inner.live.read();
-            let d = live
-                .st
-                .devices
-                .get(&self.id)
-                .ok_or_else(|| not_found(&self.name))?;
-            if off.checked_add(len).is_none_or(|e| e > d.size) {
-                return Err(self.range_error(off, len, d.size));
-            }
+            let d = self.in_range(&live.st, off, len)?;
             for b in first..=last {
                 let p = d.map.lookup(b, cb);
                 let refs = p.map_or(0, |p| live.st.space.sharers(p));
