@@ -1,5 +1,7 @@
 """Report for scripts/bench/containerd: reads its raw TSV, prints docs/bench/containerd.md."""
-import datetime, os, platform, statistics, subprocess, sys
+import datetime, os, platform, sys
+
+from reportlib import med, mr, sh
 
 raw, rounds, git, elapsed, active, bench_dir, disk = sys.argv[1:8]
 peers = active.split()
@@ -11,15 +13,7 @@ for line in open(raw):
     elif f[0] == "io":
         io.setdefault((f[1], int(f[3])), []).append(tuple(int(x) for x in f[4:7]))
 ns = sorted({k[1] for k in start} | {k[1] for k in io})
-med = statistics.median
 MIB = 1 << 20
-def mr(v, fmt="{:.2f}"):
-    return f"{fmt.format(med(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
-def sh(cmd):
-    try:
-        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
-    except Exception:
-        return "?"
 
 cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
 fs = sh(f"df --output=source,fstype {bench_dir} | tail -1")

@@ -1,5 +1,7 @@
 """Report for scripts/bench/docker: reads its raw TSV, prints docs/bench/docker.md (markdown)."""
-import datetime, os, platform, statistics, subprocess, sys
+import datetime, os, platform, sys
+
+from reportlib import med, mr, sh
 
 raw, rounds, full, git, elapsed, active, skipped, bench_dir = sys.argv[1:9]
 peers = active.split()
@@ -14,14 +16,6 @@ for line in open(raw):
         io.setdefault((f[1], int(f[3])), []).append(int(f[4]))
 sizes = [s for s in ["4K", "64K", "1M", "16M", "256M", "1G"] if any(k[1] == s for k in cow)]
 ns = sorted({k[1] for k in start} | {k[1] for k in io})
-med = statistics.median
-def mr(v, fmt="{:.2f}"):
-    return f"{fmt.format(med(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
-def sh(cmd):
-    try:
-        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
-    except Exception:
-        return "?"
 yes = lambda b: "yes" if b else "**NOT met**"
 
 cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()

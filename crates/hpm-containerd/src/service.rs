@@ -36,18 +36,11 @@ use crate::wire;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Binds the snapshotter socket at `path` (the `address` of containerd's
-/// `[proxy_plugins.<name>]`), mode 0600, so only root (containerd) can connect. Creates the
-/// parent directory (0755) if missing. A stale socket (nothing accepting on it) is replaced;
-/// a live one is refused with `AddrInUse`, and a file that is not a socket with
-/// `AlreadyExists`.
-///
-/// The socket is bound inside a fresh private (0700) directory next to `path`, restricted,
-/// then renamed into place, so it is never reachable with looser permissions, and
-/// containerd never finds a socket that is not yet listening.
+/// `[proxy_plugins.<name>]`), so only root (containerd) can connect: see
+/// `hpm_io::socket::bind_private` (mode 0600, stale sockets replaced, live ones refused,
+/// never visible before it listens).
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    let listener = hpm_io::socket::bind_private(path)?;
-    listener.set_nonblocking(true)?;
-    UnixListener::from_std(listener)
+    UnixListener::from_std(hpm_io::socket::bind_private(path)?)
 }
 
 /// Serves the snapshots API on `listener` with `snapshotter` until `shutdown` becomes true

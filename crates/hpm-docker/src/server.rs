@@ -26,18 +26,11 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/docker/plugins/hpmapper.sock";
 /// Pause after a failed accept (out of file descriptors, ...) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Binds the plugin socket at `path` (normally [`DEFAULT_SOCKET_PATH`]), mode 0600, so only
-/// root (dockerd) can connect. Creates the parent directory (0755) if missing. A stale socket
-/// (nothing accepting on it) is replaced; a live one is refused with `AddrInUse`, and a file
-/// that is not a socket with `AlreadyExists`.
-///
-/// The socket is bound inside a fresh private (0700) directory next to `path`, restricted,
-/// then renamed into place, so it is never reachable with looser permissions, and dockerd
-/// never finds a socket that is not yet listening.
+/// Binds the plugin socket at `path` (normally [`DEFAULT_SOCKET_PATH`]), so only root
+/// (dockerd) can connect: see `hpm_io::socket::bind_private` (mode 0600, stale sockets
+/// replaced, live ones refused, never visible before it listens).
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
-    let listener = hpm_io::socket::bind_private(path)?;
-    listener.set_nonblocking(true)?;
-    UnixListener::from_std(listener)
+    UnixListener::from_std(hpm_io::socket::bind_private(path)?)
 }
 
 /// Serves the graphdriver plugin protocol on `listener` with `driver` until `shutdown`

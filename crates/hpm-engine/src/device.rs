@@ -216,9 +216,10 @@ impl Device {
                     st.add(&ZERO_BLOCKS_READ, 1);
                 }
                 Some(p) if !inner.cache.may_hold(chunk_shared) => {
-                    inner.data.read_at(buf, p * B + from as u64).map_err(|e| {
-                        Error::io(format!("reading device {:?} at byte {off}", self.name), e)
-                    })?;
+                    inner
+                        .data
+                        .read_at(buf, p * B + from as u64)
+                        .map_err(|e| self.read_error(off, e))?;
                     st.add(&BACKEND_READS, 1);
                     st.add(&BACKEND_READ_BYTES, len);
                 }
@@ -242,6 +243,10 @@ impl Device {
             return Err(self.range_error(off, len, d.size));
         }
         Ok(d)
+    }
+
+    fn read_error(&self, off: u64, e: std::io::Error) -> Error {
+        Error::io(format!("reading device {:?} at byte {off}", self.name), e)
     }
 
     /// The general read path: plans runs of blocks through the cache or around it.
@@ -284,7 +289,7 @@ impl Device {
         }
         st.add(&READS, 1);
         st.add(&READ_BYTES, len);
-        let err = |e| Error::io(format!("reading device {:?} at byte {off}", self.name), e);
+        let err = |e| self.read_error(off, e);
         for ReadRun { b0, n, p0, cached } in runs {
             let (s, e) = (off.max(b0 * B), (off + len).min((b0 + n) * B));
             let dst = &mut buf[(s - off) as usize..(e - off) as usize];

@@ -829,8 +829,8 @@ impl Inner {
         }
     }
 
-    /// The commit protocol: data sync, then the journal batch, then frees become reusable.
-    /// Makes every write and metadata change completed before this call durable.
+    /// Makes every write and metadata change completed before this call durable: the
+    /// commit protocol (data sync, then the journal batch, then frees become reusable).
     ///
     /// Group commit: callers that arrive while a commit runs share the next one. A commit
     /// that begins after this call takes every record and syncs every data write completed
@@ -841,11 +841,11 @@ impl Inner {
     pub(crate) fn commit(&self) -> Result<()> {
         let need = self.commit_gen.lock().begun + 1;
         let mut store = self.store.lock();
-        if self.commit_gen.lock().ok >= need {
-            return Ok(());
-        }
         let n = {
             let mut g = self.commit_gen.lock();
+            if g.ok >= need {
+                return Ok(());
+            }
             g.begun += 1;
             g.begun
         };

@@ -1,5 +1,6 @@
-//! Root-only unix sockets for the daemon's servers (NBD, the Docker plugin): bound so that
-//! they are never reachable with looser permissions and never visible before they listen.
+//! Root-only unix sockets for the daemon's servers (NBD, the Docker plugin, the containerd
+//! snapshotter): bound so that they are never reachable with looser permissions and never
+//! visible before they listen.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -11,7 +12,9 @@ use std::path::Path;
 /// with `AddrInUse`, and a file that is not a socket with `AlreadyExists`.
 ///
 /// The socket is bound inside a fresh private (0700) directory next to `path`, restricted,
-/// then renamed into place. The listener is blocking; async servers convert it.
+/// then renamed into place, so it is never reachable with looser permissions, and a client
+/// never finds a socket that is not yet listening. The listener is non-blocking, ready for
+/// an async runtime's `from_std`.
 pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -64,6 +67,7 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let placed = UnixListener::bind(&tmp).and_then(|listener| {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         std::fs::rename(&tmp, path)?;
+        listener.set_nonblocking(true)?;
         Ok(listener)
     });
     let _ = std::fs::remove_dir_all(&private);

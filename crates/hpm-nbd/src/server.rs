@@ -172,17 +172,11 @@ fn log_join(res: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Binds a Unix socket at `path` with mode 0600 (owner only), ready for `serve_unix`.
-///
-/// A stale socket left at `path` by a previous run is removed; a socket that still accepts
-/// connections is not (`AddrInUse`), nor is anything that is not a socket
-/// (`AlreadyExists`). The socket is bound under a temporary name, restricted, and then
-/// renamed into place, so it is never reachable with looser permissions. Must be called
+/// Binds a root-only Unix socket at `path` (see `hpm_io::socket::bind_private`: mode 0600,
+/// stale sockets replaced, live ones refused), ready for `serve_unix`. Must be called
 /// within a tokio runtime.
 pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
-    let listener = hpm_io::socket::bind_private(path)?;
-    listener.set_nonblocking(true)?;
-    UnixListener::from_std(listener)
+    UnixListener::from_std(hpm_io::socket::bind_private(path)?)
 }
 
 #[cfg(test)]

@@ -4,8 +4,8 @@
 //! This module owns the request pipeline. A reader parses requests and has `command`
 //! validate them; the blocking device call runs on tokio's blocking pool (or, for a request
 //! alone in its connection, in place under `block_in_place`); a writer, the only owner of
-//! the write half, sends replies in completion order from a channel. Two semaphores bound what a connection holds: `MAX_IN_FLIGHT`
-//! requests and `MAX_IN_FLIGHT_BYTES` of payload (write data read, read data not yet
+//! the write half, sends replies in completion order from a channel. Two semaphores bound
+//! what a connection holds: `MAX_IN_FLIGHT` requests and `MAX_IN_FLIGHT_BYTES` of payload (write data read, read data not yet
 //! sent); their permits travel with the reply and are released once it is written.
 //!
 //! Ordering: a reply is sent only after its device call returned, so a FLUSH (a pool-wide
@@ -65,6 +65,7 @@ where
         counters: counters.clone(),
         count: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         bytes: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize)),
+        inline: inline_allowed(),
     };
     let reader = async {
         // `tx` moves in here, so the channel closes once the reader and every request in
@@ -89,6 +90,8 @@ struct Session {
     counters: Arc<Counters>,
     count: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
+    /// Whether a request alone in the connection may run in place (`inline_allowed`).
+    inline: bool,
 }
 
 impl Session {
@@ -139,18 +142,15 @@ impl Session {
             // tasks to another thread first, so its reply needs no hop to the blocking pool
             // and back (each hop is a thread wake-up, tens of microseconds on an idle vCPU);
             // otherwise it goes to the blocking pool so requests overlap.
-            if alone && inline_allowed() {
-                let result = tokio::task::block_in_place(|| {
-                    prepare(&req, self.device.size(), read_only, payload)
-                        .and_then(|work| execute(&self.device, work))
-                });
+            if alone && self.inline {
+                let result =
+                    tokio::task::block_in_place(|| run(&self.device, &req, read_only, payload));
                 let _ = tx.send(finish(&self.counters, &req, result, permits));
                 continue;
             }
             let (dev, counters, tx) = (self.device.clone(), self.counters.clone(), tx.clone());
             tokio::task::spawn_blocking(move || {
-                let result = prepare(&req, dev.size(), read_only, payload)
-                    .and_then(|work| execute(&dev, work));
+                let result = run(&dev, &req, read_only, payload);
                 // Released before the reply is queued: once the writer has seen the last
                 // reply, no request holds the device, so `serve` ends with it closed.
                 drop(dev);
@@ -181,6 +181,11 @@ impl Session {
         };
         (count, bytes)
     }
+}
+
+/// Validates and executes one request on the device (blocking).
+fn run(dev: &Device, req: &Request, read_only: bool, payload: Vec<u8>) -> Result<Vec<u8>, Failure> {
+    prepare(req, dev.size(), read_only, payload).and_then(|work| execute(dev, work))
 }
 
 /// Whether `block_in_place` may be used here: only on a multi-threaded runtime (the

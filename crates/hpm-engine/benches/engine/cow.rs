@@ -89,6 +89,14 @@ fn delta(a: &EngineStats, b: &EngineStats, acc: &mut EngineStats) {
     acc.backend_read_bytes += b.backend_read_bytes - a.backend_read_bytes;
 }
 
+/// Creates the 64 MiB device `base` in `pool`, written through with `fill`, and flushes.
+fn add_base(pool: &Pool, fill: &[u8]) -> R<()> {
+    pool.create_device("base", BASE)?;
+    fill_device(&pool.open_device("base")?, BASE, fill)?;
+    pool.flush()?;
+    Ok(())
+}
+
 /// One round on one pool: snapshot, `m` first writes alternating with `m` overwrites,
 /// remove the snapshot.
 fn round(pool: &Pool, name: &str, m: usize, flush: bool, seed: u64) -> R<RoundResult> {
@@ -185,11 +193,7 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
         let l = label(cow, chunk);
         progress!("cow: building pool {l}: 64 MiB base, fully written");
         let p = create_pool(&dir.join(l.replace(' ', "-")), chunk, cow, 512 * MIB)?;
-        p.create_device("base", BASE)?;
-        let d = p.open_device("base")?;
-        fill_device(&d, BASE, &fill)?;
-        drop(d);
-        p.flush()?;
+        add_base(&p, &fill)?;
         subjects.push(Subject::Pool(p));
         labels.push(l);
     }
@@ -214,11 +218,7 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
             ..hpm_engine::PoolOptions::default()
         };
         let p = Pool::create(&pdir.join("pool"), &opts)?;
-        p.create_device("base", BASE)?;
-        let d = p.open_device("base")?;
-        fill_device(&d, BASE, &fill)?;
-        drop(d);
-        p.flush()?;
+        add_base(&p, &fill)?;
         subjects.push(Subject::Pool(p));
         labels.push(l);
     }
@@ -236,11 +236,7 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
             ..hpm_engine::PoolOptions::default()
         };
         let p = Pool::create_on(storage, &opts, 512 * MIB, String::new(), None)?;
-        p.create_device("base", BASE)?;
-        let d = p.open_device("base")?;
-        fill_device(&d, BASE, &fill)?;
-        drop(d);
-        p.flush()?;
+        add_base(&p, &fill)?;
         subjects.push(Subject::Pool(p));
         labels.push(l);
     }
