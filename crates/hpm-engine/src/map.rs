@@ -8,7 +8,10 @@
 //!   24 bytes; a full chunk needs no bitmap at all, a partial one a heap bitmap of C/8 bytes.
 //! - `Split`: one physical block number per block (8 bytes per block), used only once a
 //!   chunk's blocks live in more than one physical chunk or off their own offset. A split
-//!   entry collapses back to `Compact` as soon as its blocks line up again.
+//!   entry collapses back to `Compact` as soon as its blocks line up again. Its first cache
+//!   line summarises it: a home chunk and a bitmap of the slots at their own offset there
+//!   (after a copy-on-write, nearly all of them), so most lookups never load the per-block
+//!   array.
 //!
 //! Entries live in pages of `PAGE` slots indexed directly by virtual chunk, so a lookup is
 //! two array indexes whatever the snapshot depth; a snapshot clones only the pages that hold
@@ -27,7 +30,100 @@ pub(crate) enum Entry {
         present: Option<Box<[u64]>>,
     },
     /// Per-block physical numbers, `NO_BLOCK` where unmapped.
-    Split(Box<[u64]>),
+    Split(Split),
+}
+
+/// A split entry's slots. One allocation: `[home, home bits (W words), blocks (C words)]`,
+/// where `home` is the first block of the home chunk (`NO_BLOCK` if none) and bit i says
+/// that slot i is block `home + i`. The bits are kept exact on every change, so a lookup of
+/// a slot at home reads only the first `1 + W` words (one cache line up to 448-block
+/// chunks): a split entry's hot part stays small whatever the chunk size.
+#[derive(Clone, Debug)]
+pub(crate) struct Split {
+    words: Box<[u64]>,
+}
+
+impl PartialEq for Split {
+    /// Equal when they map the same blocks, whichever home each chose.
+    fn eq(&self, other: &Self) -> bool {
+        self.blocks() == other.blocks()
+    }
+}
+impl Eq for Split {}
+
+impl Split {
+    /// Bitmap words; the blocks start after them. `words` holds 1 + w + C words.
+    fn w(&self) -> usize {
+        // n = w + C with w = ceil(C / 64), so 65(w - 1) < n <= 65w and w = ceil(n / 65).
+        (self.words.len() - 1).div_ceil(65)
+    }
+
+    /// From per-slot blocks; `home` (a chunk's first block) if the caller knows the chunk
+    /// most of them sit in, else the chunk of the first block at its own offset.
+    fn new(blocks: &[u64], chunk_blocks: u32, home: Option<u64>) -> Split {
+        let w = bitmap_words(chunk_blocks);
+        let mut words = vec![NO_BLOCK; 1 + w + blocks.len()].into_boxed_slice();
+        words[1 + w..].copy_from_slice(blocks);
+        let mut s = Split { words };
+        s.rehome(home, chunk_blocks);
+        s
+    }
+
+    /// Sets the home chunk (or picks one) and recomputes the home bits.
+    fn rehome(&mut self, home: Option<u64>, chunk_blocks: u32) {
+        let (c, w) = (u64::from(chunk_blocks), bitmap_words(chunk_blocks));
+        let home = home.or_else(|| {
+            self.blocks()
+                .iter()
+                .enumerate()
+                .find(|&(i, &b)| b != NO_BLOCK && b % c == i as u64)
+                .map(|(i, &b)| b - i as u64)
+        });
+        self.words[0] = home.unwrap_or(NO_BLOCK);
+        self.words[1..1 + w].fill(0);
+        if let Some(h) = home {
+            for i in 0..chunk_blocks as usize {
+                if self.words[1 + w + i] == h + i as u64 {
+                    self.words[1 + i / 64] |= 1 << (i % 64);
+                }
+            }
+        }
+    }
+
+    /// Per-slot physical blocks, `NO_BLOCK` where unmapped.
+    pub(crate) fn blocks(&self) -> &[u64] {
+        &self.words[1 + self.w()..]
+    }
+
+    fn block(&self, i: u32, chunk_blocks: u32) -> Option<u64> {
+        let w = bitmap_words(chunk_blocks);
+        let i = i as usize;
+        if self.words[1 + i / 64] >> (i % 64) & 1 == 1 {
+            return Some(self.words[0] + i as u64);
+        }
+        Some(self.words[1 + w + i]).filter(|&b| b != NO_BLOCK)
+    }
+
+    /// Maps slot `i` to `b` (`NO_BLOCK`: unmapped), keeping the home bits exact; a split
+    /// entry with nothing at home adopts `b`'s chunk as home if `b` is at its own offset.
+    fn set(&mut self, i: u32, b: u64, chunk_blocks: u32) {
+        let (c, w, i) = (
+            u64::from(chunk_blocks),
+            bitmap_words(chunk_blocks),
+            i as usize,
+        );
+        self.words[1 + w + i] = b;
+        let home = self.words[0];
+        if home != NO_BLOCK && b == home + i as u64 {
+            self.words[1 + i / 64] |= 1 << (i % 64);
+            return;
+        }
+        self.words[1 + i / 64] &= !(1 << (i % 64));
+        let homeless = home == NO_BLOCK || self.words[1..1 + w].iter().all(|&x| x == 0);
+        if homeless && b != NO_BLOCK && b % c == i as u64 {
+            self.rehome(Some(b - i as u64), chunk_blocks);
+        }
+    }
 }
 
 impl Entry {
@@ -40,7 +136,7 @@ impl Entry {
                     .is_none_or(|b| b[i as usize / 64] >> (i % 64) & 1 == 1);
                 on.then(|| u64::from(*pchunk) * u64::from(chunk_blocks) + u64::from(i))
             }
-            Entry::Split(blocks) => Some(blocks[i as usize]).filter(|&b| b != NO_BLOCK),
+            Entry::Split(s) => s.block(i, chunk_blocks),
         }
     }
 
@@ -60,7 +156,7 @@ impl Entry {
             Entry::Compact {
                 present: Some(b), ..
             } => b.iter().map(|w| w.count_ones()).sum(),
-            Entry::Split(blocks) => blocks.iter().filter(|&&b| b != NO_BLOCK).count() as u32,
+            Entry::Split(s) => s.blocks().iter().filter(|&&b| b != NO_BLOCK).count() as u32,
         }
     }
 
@@ -96,8 +192,8 @@ impl Entry {
                     None => full_bits(chunk_blocks),
                 },
             },
-            Entry::Split(blocks) => EntryRecord::Split {
-                blocks: blocks.to_vec(),
+            Entry::Split(s) => EntryRecord::Split {
+                blocks: s.blocks().to_vec(),
             },
         }
     }
@@ -114,7 +210,7 @@ impl Entry {
                 }
             }
             EntryRecord::Split { blocks } => Entry::compact_of(blocks, chunk_blocks)
-                .unwrap_or_else(|| Entry::Split(blocks.clone().into())),
+                .unwrap_or_else(|| Entry::Split(Split::new(blocks, chunk_blocks, None))),
         };
         (e.count(chunk_blocks) > 0).then_some(e)
     }
@@ -153,11 +249,15 @@ fn one_bit(i: u32, chunk_blocks: u32) -> Box<[u64]> {
 }
 
 /// The smallest entry for per-slot `blocks`: none if empty, compact if they line up.
-fn settle(blocks: Box<[u64]>, chunk_blocks: u32) -> Option<Entry> {
+#[cfg(test)]
+fn settle(blocks: &[u64], chunk_blocks: u32) -> Option<Entry> {
     if blocks.iter().all(|&b| b == NO_BLOCK) {
         return None;
     }
-    Some(Entry::compact_of(&blocks, chunk_blocks).unwrap_or(Entry::Split(blocks)))
+    Some(
+        Entry::compact_of(blocks, chunk_blocks)
+            .unwrap_or_else(|| Entry::Split(Split::new(blocks, chunk_blocks, None))),
+    )
 }
 
 fn compress_bits(bits: Vec<u64>, chunk_blocks: u32) -> Option<Box<[u64]>> {
@@ -235,12 +335,16 @@ impl DeviceMap {
         }
         let own_offset = new.is_some_and(|p| p % c == u64::from(i));
         match (slot.as_mut(), new) {
-            (Some(Entry::Split(blocks)), n) => {
-                blocks[i as usize] = n.unwrap_or(NO_BLOCK);
+            (Some(Entry::Split(s)), n) => {
+                s.set(i, n.unwrap_or(NO_BLOCK), chunk_blocks);
                 // A block off its own offset keeps the entry split; otherwise it may line up
                 // again (or, after an unmap, be empty).
                 if n.is_none() || own_offset {
-                    *slot = settle(std::mem::take(blocks), chunk_blocks);
+                    if s.blocks().iter().all(|&b| b == NO_BLOCK) {
+                        *slot = None;
+                    } else if let Some(e) = Entry::compact_of(s.blocks(), chunk_blocks) {
+                        *slot = Some(e);
+                    }
                 }
             }
             (Some(Entry::Compact { pchunk, present }), n)
@@ -289,7 +393,7 @@ impl DeviceMap {
                         }
                     }
                     blocks[i as usize] = p;
-                    Some(Entry::Split(blocks))
+                    Some(Entry::Split(Split::new(&blocks, chunk_blocks, Some(base))))
                 };
             }
             (None, Some(p)) => {
@@ -299,9 +403,9 @@ impl DeviceMap {
                         present: Some(one_bit(i, chunk_blocks)),
                     }
                 } else {
-                    let mut blocks = vec![NO_BLOCK; chunk_blocks as usize].into_boxed_slice();
+                    let mut blocks = vec![NO_BLOCK; chunk_blocks as usize];
                     blocks[i as usize] = p;
-                    Entry::Split(blocks)
+                    Entry::Split(Split::new(&blocks, chunk_blocks, None))
                 });
             }
             (None, None) | (Some(Entry::Compact { .. }), None) => {
@@ -328,7 +432,7 @@ impl DeviceMap {
     }
 
     /// Heap and inline bytes this map uses (for the metadata-cost benchmark).
-    pub(crate) fn memory_bytes(&self, chunk_blocks: u32) -> usize {
+    pub(crate) fn memory_bytes(&self) -> usize {
         let mut n =
             self.pages.capacity() * std::mem::size_of::<Option<Box<[Option<Entry>; PAGE]>>>();
         for page in self.pages.iter().flatten() {
@@ -339,7 +443,7 @@ impl DeviceMap {
                         present: Some(b), ..
                     } => b.len() * 8,
                     Entry::Compact { present: None, .. } => 0,
-                    Entry::Split(_) => chunk_blocks as usize * 8,
+                    Entry::Split(s) => s.words.len() * 8,
                 };
             }
         }
@@ -429,8 +533,11 @@ mod tests {
                 let want_old = Some(model[i]).filter(|&b| b != NO_BLOCK);
                 assert_eq!(old, want_old, "cb {cb} step {step}");
                 model[i] = new.unwrap_or(NO_BLOCK);
-                let want = settle(model.clone().into(), cb);
+                let want = settle(&model, cb);
                 assert_eq!(m.get(5), want.as_ref(), "cb {cb} step {step}");
+                if let Some(Entry::Split(s)) = m.get(5) {
+                    home_bits_exact(s, cb);
+                }
                 for (j, &b) in model.iter().enumerate() {
                     let got = m.lookup(5 * c + j as u64, cb);
                     assert_eq!(got, Some(b).filter(|&b| b != NO_BLOCK));
@@ -449,6 +556,44 @@ mod tests {
                         })
                     );
                 }
+            }
+        }
+    }
+
+    /// Bit i of a split entry's summary is set exactly when slot i is at its home offset.
+    fn home_bits_exact(s: &Split, cb: u32) {
+        let w = bitmap_words(cb);
+        assert_eq!(s.w(), w);
+        assert_eq!(s.blocks().len(), cb as usize);
+        for (i, &b) in s.blocks().iter().enumerate() {
+            let bit = s.words[1 + i / 64] >> (i % 64) & 1 == 1;
+            assert_eq!(
+                bit,
+                s.words[0] != NO_BLOCK && b == s.words[0] + i as u64,
+                "slot {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn split_summary_answers_home_slots() {
+        for cb in [2u32, 16, 63, 64, 65, 128, 256, 448] {
+            let c = u64::from(cb);
+            let mut m = DeviceMap::default();
+            for i in 0..c {
+                m.set_block(i, Some(3 * c + i), cb);
+            }
+            // A copy-on-write of slot 0 into chunk 9 at another offset: split, home chunk 3.
+            let moved = 9 * c + 1;
+            m.set_block(0, Some(moved), cb);
+            let Some(Entry::Split(s)) = m.get(0) else {
+                panic!("cb {cb}: not split");
+            };
+            home_bits_exact(s, cb);
+            assert_eq!(s.words[0], 3 * c);
+            assert_eq!(m.lookup(0, cb), Some(moved));
+            for i in 1..c {
+                assert_eq!(m.lookup(i, cb), Some(3 * c + i));
             }
         }
     }

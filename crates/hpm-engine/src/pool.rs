@@ -630,11 +630,10 @@ impl Pool {
     pub fn info(&self) -> Result<PoolInfo> {
         let metadata_bytes = self.inner.store.lock().bytes();
         let live = self.inner.live.read();
-        let cb = self.inner.geo.chunk_blocks;
         let mut map_memory = 0;
         let (mut compact, mut split) = (0, 0);
         for d in live.st.devices.values() {
-            map_memory += d.map.memory_bytes(cb) as u64;
+            map_memory += d.map.memory_bytes() as u64;
             for (_, e) in d.map.entries() {
                 match e {
                     crate::map::Entry::Compact { .. } => compact += 1,
