@@ -2,9 +2,10 @@
 //! complete.
 //!
 //! This module owns the request pipeline. A reader parses requests and has `command`
-//! validate them; the blocking device call runs on tokio's blocking pool (or, for a request
-//! alone in its connection, in place under `block_in_place`); a writer, the only owner of
-//! the write half, sends replies in completion order from a channel. Two semaphores bound
+//! validate them; the blocking device call runs on tokio's blocking pool, and a writer sends
+//! those replies in completion order from a channel. A request alone in its connection (a
+//! client at queue depth 1) runs in place under `block_in_place` and the reader sends its
+//! reply itself; the two share the write half through an async mutex. Two semaphores bound
 //! what a connection holds: `MAX_IN_FLIGHT` requests and `MAX_IN_FLIGHT_BYTES` of payload (write data read, read data not yet
 //! sent); their permits travel with the reply and are released once it is written.
 //!
@@ -21,10 +22,11 @@ use crate::proto::{self, chunk, cmd, Request};
 use crate::stats::Counters;
 use crate::Shutdown;
 use hpm_engine::Device;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Mutex, Notify, OwnedSemaphorePermit, Semaphore};
 
 /// Requests in flight per connection.
 pub(crate) const MAX_IN_FLIGHT: usize = 64;
@@ -59,7 +61,10 @@ where
 {
     let (tx, rx) = mpsc::unbounded_channel::<Done>();
     let writer_failed = Notify::new();
-    let structured = export.structured;
+    let out = Out {
+        w: Mutex::new(w),
+        structured: export.structured,
+    };
     let session = Session {
         device: Arc::new(export.device),
         counters: counters.clone(),
@@ -71,13 +76,11 @@ where
         // `tx` moves in here, so the channel closes once the reader and every request in
         // flight are done; that is what ends the writer.
         let tx = tx;
-        tokio::select! {
-            res = session.read_requests(r, &tx) => res,
-            _ = shutdown.triggered() => Ok(()),
-            _ = writer_failed.notified() => Ok(()),
-        }
+        session
+            .read_requests(r, &tx, &out, shutdown, &writer_failed)
+            .await
     };
-    let writer = write_replies(w, rx, structured, &writer_failed, shutdown);
+    let writer = write_replies(&out, rx, &writer_failed, shutdown);
     let (read_result, ()) = tokio::join!(reader, writer);
     // Closing a device takes the engine's metadata lock: not on the runtime's threads.
     let device = session.device;
@@ -94,19 +97,41 @@ struct Session {
     inline: bool,
 }
 
+/// Waits for `fut` unless the connection is ending first: `None` once `shutdown` is
+/// triggered or the writer has failed. Used wherever the reader waits for the client or for
+/// room, never around a reply: a request that ran is answered.
+async fn unless_ending<T>(
+    fut: impl Future<Output = T>,
+    shutdown: &Shutdown,
+    writer_failed: &Notify,
+) -> Option<T> {
+    tokio::select! {
+        v = fut => Some(v),
+        _ = shutdown.triggered() => None,
+        _ = writer_failed.notified() => None,
+    }
+}
+
 impl Session {
-    async fn read_requests<R>(
+    async fn read_requests<R, W>(
         &self,
         r: &mut BufReader<R>,
         tx: &mpsc::UnboundedSender<Done>,
+        out: &Out<'_, W>,
+        shutdown: &Shutdown,
+        writer_failed: &Notify,
     ) -> Result<(), End>
     where
         R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
     {
         let read_only = self.device.read_only();
         loop {
             let mut hdr = [0u8; proto::REQUEST_LEN];
-            r.read_exact(&mut hdr).await?;
+            match unless_ending(r.read_exact(&mut hdr), shutdown, writer_failed).await {
+                Some(res) => res?,
+                None => return Ok(()),
+            };
             let Some(req) = Request::decode(&hdr) else {
                 return Err(End::Violation("request without the request magic".into()));
             };
@@ -129,11 +154,18 @@ impl Session {
             };
             // Alone: nothing in flight and no next request waiting in our buffer.
             let alone = self.count.available_permits() == MAX_IN_FLIGHT && r.buffer().is_empty();
-            let permits = self.acquire(payload_len).await;
+            let Some(permits) =
+                unless_ending(self.acquire(payload_len), shutdown, writer_failed).await
+            else {
+                return Ok(());
+            };
             let mut payload = Vec::new();
             if req.kind == cmd::WRITE {
                 payload = vec![0u8; req.length as usize];
-                r.read_exact(&mut payload).await?;
+                match unless_ending(r.read_exact(&mut payload), shutdown, writer_failed).await {
+                    Some(res) => res?,
+                    None => return Ok(()),
+                };
             }
             // Everything that touches the device, its size included (it takes the
             // engine's metadata lock, which a checkpoint can hold for a while), runs off the
@@ -141,11 +173,20 @@ impl Session {
             // depth 1) runs right here with `block_in_place`, which hands this worker's other
             // tasks to another thread first, so its reply needs no hop to the blocking pool
             // and back (each hop is a thread wake-up, tens of microseconds on an idle vCPU);
-            // otherwise it goes to the blocking pool so requests overlap.
+            // otherwise it goes to the blocking pool so requests overlap. The in-place reply
+            // is sent from here, not queued for the writer: waking the writer (a future of
+            // this same task) from inside the task makes tokio requeue the task and wake
+            // another worker thread, which then sends the reply; on an idle vCPU that wake-up
+            // costs as much as the read itself.
             if alone && self.inline {
                 let result =
                     tokio::task::block_in_place(|| run(&self.device, &req, read_only, payload));
-                let _ = tx.send(finish(&self.counters, &req, result, permits));
+                let done = finish(&self.counters, &req, result, permits);
+                let sent = tokio::select! {
+                    res = out.send(&done, true) => res,
+                    _ = give_up(shutdown) => Err(client_too_slow()),
+                };
+                sent.map_err(End::Io)?;
                 continue;
             }
             let (dev, counters, tx) = (self.device.clone(), self.counters.clone(), tx.clone());
@@ -237,18 +278,14 @@ fn finish(
 /// keeps draining the channel, so requests in flight still finish (and release the device)
 /// before the connection ends.
 async fn write_replies<W>(
-    w: &mut W,
+    out: &Out<'_, W>,
     mut rx: mpsc::UnboundedReceiver<Done>,
-    structured: bool,
     failed: &Notify,
     shutdown: &Shutdown,
 ) where
     W: AsyncWrite + Unpin,
 {
-    let give_up = async {
-        shutdown.triggered().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
+    let give_up = give_up(shutdown);
     tokio::pin!(give_up);
     let mut ok = true;
     while let Some(done) = rx.recv().await {
@@ -256,19 +293,9 @@ async fn write_replies<W>(
         if !ok {
             continue;
         }
-        let send = async {
-            write_reply(w, &done, structured).await?;
-            if rx.is_empty() {
-                w.flush().await?;
-            }
-            Ok(())
-        };
         let res = tokio::select! {
-            r = send => r,
-            _ = &mut give_up => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the client did not take its replies during shutdown",
-            )),
+            r = out.send(&done, rx.is_empty()) => r,
+            _ = &mut give_up => Err(client_too_slow()),
         };
         drop(done);
         if let Err(e) = res {
@@ -279,9 +306,45 @@ async fn write_replies<W>(
     }
     if ok {
         tokio::select! {
-            _ = w.flush() => {}
+            _ = out.flush() => {}
             _ = &mut give_up => {}
         }
+    }
+}
+
+/// Completes `SHUTDOWN_GRACE` after `shutdown` is triggered: how long a client may take to
+/// read its replies once the server is stopping.
+async fn give_up(shutdown: &Shutdown) {
+    shutdown.triggered().await;
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
+}
+
+fn client_too_slow() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the client did not take its replies during shutdown",
+    )
+}
+
+/// The write half, shared by the writer and the reader's in-place replies.
+struct Out<'a, W> {
+    w: Mutex<&'a mut W>,
+    structured: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Out<'_, W> {
+    /// Writes one reply whole (no other reply interleaves), then flushes if `flush`.
+    async fn send(&self, done: &Done, flush: bool) -> std::io::Result<()> {
+        let mut w = self.w.lock().await;
+        write_reply(&mut **w, done, self.structured).await?;
+        if flush {
+            w.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> std::io::Result<()> {
+        self.w.lock().await.flush().await
     }
 }
 
