@@ -1,17 +1,20 @@
 //! A device's two-level map: virtual chunk -> entry, entry -> physical blocks.
 //!
 //! This module owns the in-memory representation of one device's mapping and the rules that
-//! move an entry between its two forms. It must never allocate physical space or count
+//! move an entry between its forms. It must never allocate physical space or count
 //! references: callers (`state`) do that around every change it reports.
 //!
 //! - `Compact`: every present block i of the virtual chunk is block i of one physical chunk.
 //!   24 bytes; a full chunk needs no bitmap at all, a partial one a heap bitmap of C/8 bytes.
-//! - `Split`: one physical block number per block (8 bytes per block), used only once a
-//!   chunk's blocks live in more than one physical chunk or off their own offset. A split
-//!   entry collapses back to `Compact` as soon as its blocks line up again. Its first cache
-//!   line summarises it: a home chunk and a bitmap of the slots at their own offset there
-//!   (after a copy-on-write, nearly all of them), so most lookups never load the per-block
-//!   array.
+//! - `Split`: used only once a chunk's blocks live in more than one physical chunk or off
+//!   their own offset. A home chunk and a bitmap of the slots at their own offset there
+//!   (after a copy-on-write, nearly all of them), then one physical block number (8 bytes)
+//!   per slot that is not: a lookup of a slot at home reads one cache line, and an entry
+//!   costs 8 bytes per moved block, not per block.
+//! - `Scattered`: a split entry with too few blocks at home for that form to be smaller:
+//!   one physical block number per slot (8 bytes per block).
+//!
+//! A split entry collapses back to `Compact` as soon as its blocks line up again.
 //!
 //! Entries live in pages of `PAGE` slots indexed directly by virtual chunk, so a lookup is
 //! two array indexes whatever the snapshot depth; a snapshot clones only the pages that hold
@@ -22,111 +25,223 @@ use hpm_format::{bitmap_words, EntryRecord, NO_BLOCK};
 const PAGE: usize = 64;
 
 /// One virtual chunk's mapping.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub(crate) enum Entry {
     /// Blocks at their own offset in `pchunk`; `present` None means all blocks.
     Compact {
         pchunk: u32,
         present: Option<Box<[u64]>>,
     },
-    /// Per-block physical numbers, `NO_BLOCK` where unmapped.
+    /// Split, in the home form (see `Split`): the usual split entry, smaller than a
+    /// per-block array whenever a few of its blocks are still at home.
     Split(Split),
+    /// Split with too few blocks at home for the home form to be smaller: per-block
+    /// physical numbers, `NO_BLOCK` where unmapped (8 bytes per block).
+    Scattered(Box<[u64]>),
 }
 
-/// A split entry's slots. One allocation: `[home, home bits (W words), blocks (C words)]`,
-/// where `home` is the first block of the home chunk (`NO_BLOCK` if none) and bit i says
-/// that slot i is block `home + i`. The bits are kept exact on every change, so a lookup of
-/// a slot at home reads only the first `1 + W` words (one cache line up to 448-block
-/// chunks): a split entry's hot part stays small whatever the chunk size.
+/// The split entry for per-slot `blocks` in the smaller of its two forms (the home form
+/// when they tie), with `home` as its home chunk if given, else the likeliest one.
+fn split_entry(blocks: &[u64], chunk_blocks: u32, home: Option<u32>) -> Entry {
+    let home = home.or_else(|| likeliest_home(blocks, chunk_blocks));
+    split_entry_of(chunk_blocks, home, |i| blocks[i])
+}
+
+/// As `split_entry`, with `home` decided and slot i's block given by `block(i)`; builds
+/// only the form it returns (the copy-on-write of a compact entry is the hot caller).
+fn split_entry_of(chunk_blocks: u32, home: Option<u32>, block: impl Fn(usize) -> u64) -> Entry {
+    let (c, n) = (u64::from(chunk_blocks), chunk_blocks as usize);
+    let home = home.unwrap_or(NO_HOME);
+    let at_home = |i: usize| home != NO_HOME && block(i) == u64::from(home) * c + i as u64;
+    let w = bitmap_words(chunk_blocks);
+    let mut words = vec![0u64; 1 + w];
+    for i in (0..n).filter(|&i| at_home(i)) {
+        words[1 + i / 64] |= 1 << (i % 64);
+    }
+    let homed: usize = words[1..].iter().map(|x| x.count_ones() as usize).sum();
+    if 1 + w + (n - homed) > n {
+        return Entry::Scattered((0..n).map(block).collect());
+    }
+    words.reserve_exact(n - homed);
+    words[0] = u64::from(home) << 32 | c;
+    words.extend((0..n).filter(|&i| !at_home(i)).map(&block));
+    Entry::Split(Split {
+        words: words.into_boxed_slice(),
+    })
+}
+
+/// The chunk that holds the most of `blocks` at their own offsets, if any does.
+fn likeliest_home(blocks: &[u64], chunk_blocks: u32) -> Option<u32> {
+    let c = u64::from(chunk_blocks);
+    let mut homes: Vec<u64> = (0..blocks.len())
+        .filter(|&i| blocks[i] != NO_BLOCK && blocks[i] % c == i as u64)
+        .map(|i| blocks[i] / c)
+        .collect();
+    homes.sort_unstable();
+    let best = homes.chunk_by(|a, b| a == b).max_by_key(|run| run.len())?;
+    u32::try_from(best[0]).ok().filter(|&h| h != NO_HOME)
+}
+
+/// A split entry's slots, in one allocation: `[header, home bits (W words), others]`. The
+/// header packs the home chunk (`NO_HOME` if none) in its high half and the chunk's block
+/// count C in its low half; bit i of the home bits says slot i is block `home * C + i`;
+/// `others` holds, in slot order, the block (or `NO_BLOCK`) of every slot whose bit is
+/// clear. A slot at home is answered from the first `1 + W` words (one cache line up to
+/// 448-block chunks), and an entry costs 8 bytes only per slot that moved: after a few
+/// copy-on-writes into a shared chunk, a few words instead of C.
 #[derive(Clone, Debug)]
 pub(crate) struct Split {
     words: Box<[u64]>,
 }
 
-impl PartialEq for Split {
-    /// Equal when they map the same blocks, whichever home each chose.
+/// No home chunk (the header's high half).
+const NO_HOME: u32 = u32::MAX;
+
+impl PartialEq for Entry {
+    /// Equal when both are compact with the same chunk and blocks, or both split and map
+    /// the same blocks, whichever split form and home each has.
     fn eq(&self, other: &Self) -> bool {
-        self.blocks() == other.blocks()
+        match (self, other) {
+            (
+                Entry::Compact { pchunk, present },
+                Entry::Compact {
+                    pchunk: p2,
+                    present: q2,
+                },
+            ) => pchunk == p2 && present == q2,
+            (Entry::Compact { .. }, _) | (_, Entry::Compact { .. }) => false,
+            (a, b) => a.split_blocks() == b.split_blocks(),
+        }
     }
 }
-impl Eq for Split {}
+impl Eq for Entry {}
 
 impl Split {
-    /// Bitmap words; the blocks start after them. `words` holds 1 + w + C words.
-    fn w(&self) -> usize {
-        // n = w + C with w = ceil(C / 64), so 65(w - 1) < n <= 65w and w = ceil(n / 65).
-        (self.words.len() - 1).div_ceil(65)
+    /// The entry after the copy-on-write of slot `i` of a compact entry in `pchunk` (with
+    /// `present`) to block `p`: home `pchunk`, its bits less slot i; `others` is slot i and
+    /// the unmapped slots. Built directly, without the per-block array: the hot path of a
+    /// first write into a shared chunk.
+    fn cow_of_compact(
+        pchunk: u32,
+        present: Option<&[u64]>,
+        i: u32,
+        p: u64,
+        chunk_blocks: u32,
+    ) -> Entry {
+        let (n, w, i) = (
+            chunk_blocks as usize,
+            bitmap_words(chunk_blocks),
+            i as usize,
+        );
+        let mut words = Vec::with_capacity(1 + w + 1);
+        words.push(u64::from(pchunk) << 32 | u64::from(chunk_blocks));
+        match present {
+            Some(bits) => words.extend_from_slice(bits),
+            None => words.extend(full_bits(chunk_blocks)),
+        }
+        words[1 + i / 64] &= !(1 << (i % 64));
+        let homed: usize = words[1..].iter().map(|x| x.count_ones() as usize).sum();
+        if pchunk == NO_HOME || 1 + w + (n - homed) > n {
+            let base = u64::from(pchunk) * u64::from(chunk_blocks);
+            let blocks: Vec<u64> = (0..n)
+                .map(|j| match words[1 + j / 64] >> (j % 64) & 1 {
+                    _ if j == i => p,
+                    1 => base + j as u64,
+                    _ => NO_BLOCK,
+                })
+                .collect();
+            return Entry::Scattered(blocks.into());
+        }
+        for j in 0..n {
+            if words[1 + j / 64] >> (j % 64) & 1 == 0 {
+                words.push(if j == i { p } else { NO_BLOCK });
+            }
+        }
+        Entry::Split(Split {
+            words: words.into_boxed_slice(),
+        })
     }
 
-    /// From per-slot blocks; `home` (a chunk's first block) if the caller knows the chunk
-    /// most of them sit in, else the chunk of the first block at its own offset.
-    fn new(blocks: &[u64], chunk_blocks: u32, home: Option<u64>) -> Split {
-        let w = bitmap_words(chunk_blocks);
-        let mut words = vec![NO_BLOCK; 1 + w + blocks.len()].into_boxed_slice();
-        words[1 + w..].copy_from_slice(blocks);
-        let mut s = Split { words };
-        s.rehome(home, chunk_blocks);
-        s
+    fn chunk_blocks(&self) -> u32 {
+        self.words[0] as u32
     }
 
-    /// Sets the home chunk (or picks one) and recomputes the home bits.
-    fn rehome(&mut self, home: Option<u64>, chunk_blocks: u32) {
-        let (c, w) = (u64::from(chunk_blocks), bitmap_words(chunk_blocks));
-        let home = home.or_else(|| {
-            self.blocks()
-                .iter()
-                .enumerate()
-                .find(|&(i, &b)| b != NO_BLOCK && b % c == i as u64)
-                .map(|(i, &b)| b - i as u64)
-        });
-        self.words[0] = home.unwrap_or(NO_BLOCK);
-        self.words[1..1 + w].fill(0);
-        if let Some(h) = home {
-            for i in 0..chunk_blocks as usize {
-                if self.words[1 + w + i] == h + i as u64 {
-                    self.words[1 + i / 64] |= 1 << (i % 64);
-                }
+    fn home(&self) -> u32 {
+        (self.words[0] >> 32) as u32
+    }
+
+    /// Whether slot `i` is at home, and else its index in `others`.
+    fn locate(&self, i: usize) -> Result<(), usize> {
+        let bits = &self.words[1..];
+        if bits[i / 64] >> (i % 64) & 1 == 1 {
+            return Ok(());
+        }
+        let below: u32 = bits[..i / 64].iter().map(|w| w.count_ones()).sum::<u32>()
+            + (bits[i / 64] & ((1u64 << (i % 64)) - 1)).count_ones();
+        Err(i - below as usize)
+    }
+
+    /// Per-slot physical blocks, `NO_BLOCK` where unmapped.
+    pub(crate) fn blocks(&self) -> Vec<u64> {
+        let cb = self.chunk_blocks();
+        (0..cb)
+            .map(|i| self.block(i, cb).unwrap_or(NO_BLOCK))
+            .collect()
+    }
+
+    fn block(&self, i: u32, chunk_blocks: u32) -> Option<u64> {
+        match self.locate(i as usize) {
+            Ok(()) => Some(u64::from(self.home()) * u64::from(chunk_blocks) + u64::from(i)),
+            Err(k) => {
+                let b = self.words[1 + bitmap_words(chunk_blocks) + k];
+                (b != NO_BLOCK).then_some(b)
             }
         }
     }
 
-    /// Per-slot physical blocks, `NO_BLOCK` where unmapped.
-    pub(crate) fn blocks(&self) -> &[u64] {
-        &self.words[1 + self.w()..]
-    }
-
-    fn block(&self, i: u32, chunk_blocks: u32) -> Option<u64> {
+    /// Number of mapped slots.
+    fn count(&self, chunk_blocks: u32) -> u32 {
         let w = bitmap_words(chunk_blocks);
-        let i = i as usize;
-        if self.words[1 + i / 64] >> (i % 64) & 1 == 1 {
-            return Some(self.words[0] + i as u64);
-        }
-        Some(self.words[1 + w + i]).filter(|&b| b != NO_BLOCK)
+        let home: u32 = self.words[1..1 + w].iter().map(|x| x.count_ones()).sum();
+        home + self.words[1 + w..]
+            .iter()
+            .filter(|&&b| b != NO_BLOCK)
+            .count() as u32
     }
 
-    /// Maps slot `i` to `b` (`NO_BLOCK`: unmapped), keeping the home bits exact; a split
-    /// entry with nothing at home adopts `b`'s chunk as home if `b` is at its own offset.
-    fn set(&mut self, i: u32, b: u64, chunk_blocks: u32) {
-        let (c, w, i) = (
-            u64::from(chunk_blocks),
-            bitmap_words(chunk_blocks),
-            i as usize,
-        );
-        self.words[1 + w + i] = b;
-        let home = self.words[0];
-        if home != NO_BLOCK && b == home + i as u64 {
-            self.words[1 + i / 64] |= 1 << (i % 64);
-            return;
+    /// Maps slot `i` to `b` (`NO_BLOCK`: unmapped) if that leaves the slot on the same side
+    /// of home (an update of `others` in place, or nothing); false if the entry must be
+    /// rebuilt.
+    fn set_in_place(&mut self, i: u32, b: u64, chunk_blocks: u32) -> bool {
+        let (c, w) = (u64::from(chunk_blocks), bitmap_words(chunk_blocks));
+        let home = self.home();
+        let to_home = home != NO_HOME && b == u64::from(home) * c + u64::from(i);
+        match self.locate(i as usize) {
+            Err(k) if !to_home => self.words[1 + w + k] = b,
+            Ok(()) if to_home => {}
+            _ => return false,
         }
-        self.words[1 + i / 64] &= !(1 << (i % 64));
-        let homeless = home == NO_BLOCK || self.words[1..1 + w].iter().all(|&x| x == 0);
-        if homeless && b != NO_BLOCK && b % c == i as u64 {
-            self.rehome(Some(b - i as u64), chunk_blocks);
-        }
+        true
+    }
+
+    /// Whether any slot is at home.
+    fn has_home(&self, chunk_blocks: u32) -> bool {
+        self.words[1..1 + bitmap_words(chunk_blocks)]
+            .iter()
+            .any(|&x| x != 0)
     }
 }
 
 impl Entry {
+    /// A split entry's per-slot blocks (empty for a compact entry).
+    fn split_blocks(&self) -> Vec<u64> {
+        match self {
+            Entry::Compact { .. } => Vec::new(),
+            Entry::Split(s) => s.blocks(),
+            Entry::Scattered(blocks) => blocks.to_vec(),
+        }
+    }
+
     /// Physical block of slot `i`, if mapped.
     pub(crate) fn block(&self, i: u32, chunk_blocks: u32) -> Option<u64> {
         match self {
@@ -137,6 +252,7 @@ impl Entry {
                 on.then(|| u64::from(*pchunk) * u64::from(chunk_blocks) + u64::from(i))
             }
             Entry::Split(s) => s.block(i, chunk_blocks),
+            Entry::Scattered(blocks) => Some(blocks[i as usize]).filter(|&b| b != NO_BLOCK),
         }
     }
 
@@ -156,7 +272,8 @@ impl Entry {
             Entry::Compact {
                 present: Some(b), ..
             } => b.iter().map(|w| w.count_ones()).sum(),
-            Entry::Split(s) => s.blocks().iter().filter(|&&b| b != NO_BLOCK).count() as u32,
+            Entry::Split(s) => s.count(chunk_blocks),
+            Entry::Scattered(blocks) => blocks.iter().filter(|&&b| b != NO_BLOCK).count() as u32,
         }
     }
 
@@ -192,8 +309,9 @@ impl Entry {
                     None => full_bits(chunk_blocks),
                 },
             },
-            Entry::Split(s) => EntryRecord::Split {
-                blocks: s.blocks().to_vec(),
+            Entry::Split(s) => EntryRecord::Split { blocks: s.blocks() },
+            Entry::Scattered(blocks) => EntryRecord::Split {
+                blocks: blocks.to_vec(),
             },
         }
     }
@@ -210,7 +328,7 @@ impl Entry {
                 }
             }
             EntryRecord::Split { blocks } => Entry::compact_of(blocks, chunk_blocks)
-                .unwrap_or_else(|| Entry::Split(Split::new(blocks, chunk_blocks, None))),
+                .unwrap_or_else(|| split_entry(blocks, chunk_blocks, None)),
         };
         (e.count(chunk_blocks) > 0).then_some(e)
     }
@@ -248,15 +366,15 @@ fn one_bit(i: u32, chunk_blocks: u32) -> Box<[u64]> {
     bits.into()
 }
 
-/// The smallest entry for per-slot `blocks`: none if empty, compact if they line up.
-#[cfg(test)]
-fn settle(blocks: &[u64], chunk_blocks: u32) -> Option<Entry> {
+/// The smallest entry for per-slot `blocks`: none if empty, compact if they line up, else
+/// the smaller split form (with `home` as its home chunk if given).
+fn settle_split(blocks: &[u64], chunk_blocks: u32, home: Option<u32>) -> Option<Entry> {
     if blocks.iter().all(|&b| b == NO_BLOCK) {
         return None;
     }
     Some(
         Entry::compact_of(blocks, chunk_blocks)
-            .unwrap_or_else(|| Entry::Split(Split::new(blocks, chunk_blocks, None))),
+            .unwrap_or_else(|| split_entry(blocks, chunk_blocks, home)),
     )
 }
 
@@ -335,16 +453,28 @@ impl DeviceMap {
         }
         let own_offset = new.is_some_and(|p| p % c == u64::from(i));
         match (slot.as_mut(), new) {
-            (Some(Entry::Split(s)), n) => {
-                s.set(i, n.unwrap_or(NO_BLOCK), chunk_blocks);
+            (Some(e @ (Entry::Split(_) | Entry::Scattered(_))), n) => {
+                let b = n.unwrap_or(NO_BLOCK);
                 // A block off its own offset keeps the entry split; otherwise it may line up
-                // again (or, after an unmap, be empty).
-                if n.is_none() || own_offset {
-                    if s.blocks().iter().all(|&b| b == NO_BLOCK) {
-                        *slot = None;
-                    } else if let Some(e) = Entry::compact_of(s.blocks(), chunk_blocks) {
-                        *slot = Some(e);
-                    }
+                // again (or, after an unmap, be empty), or be worth the other split form.
+                let may_change_form = n.is_none() || own_offset;
+                let in_place = !may_change_form
+                    && match e {
+                        Entry::Split(s) => s.set_in_place(i, b, chunk_blocks),
+                        Entry::Scattered(blocks) => {
+                            blocks[i as usize] = b;
+                            true
+                        }
+                        Entry::Compact { .. } => unreachable!("matched above"),
+                    };
+                if !in_place {
+                    let (mut blocks, home) = match e {
+                        Entry::Split(s) => (s.blocks(), s.has_home(chunk_blocks).then(|| s.home())),
+                        Entry::Scattered(blocks) => (blocks.to_vec(), None),
+                        Entry::Compact { .. } => unreachable!("matched above"),
+                    };
+                    blocks[i as usize] = b;
+                    *slot = settle_split(&blocks, chunk_blocks, home);
                 }
             }
             (Some(Entry::Compact { pchunk, present }), n)
@@ -376,24 +506,13 @@ impl DeviceMap {
                         present: Some(one_bit(i, chunk_blocks)),
                     })
                 } else {
-                    let base = u64::from(*pchunk) * c;
-                    let mut blocks = vec![NO_BLOCK; chunk_blocks as usize].into_boxed_slice();
-                    match present {
-                        None => {
-                            for (j, b) in blocks.iter_mut().enumerate() {
-                                *b = base + j as u64;
-                            }
-                        }
-                        Some(bits) => {
-                            for (j, b) in blocks.iter_mut().enumerate() {
-                                if bits[j / 64] >> (j % 64) & 1 == 1 {
-                                    *b = base + j as u64;
-                                }
-                            }
-                        }
-                    }
-                    blocks[i as usize] = p;
-                    Some(Entry::Split(Split::new(&blocks, chunk_blocks, Some(base))))
+                    Some(Split::cow_of_compact(
+                        *pchunk,
+                        present.as_deref(),
+                        i,
+                        p,
+                        chunk_blocks,
+                    ))
                 };
             }
             (None, Some(p)) => {
@@ -405,7 +524,7 @@ impl DeviceMap {
                 } else {
                     let mut blocks = vec![NO_BLOCK; chunk_blocks as usize];
                     blocks[i as usize] = p;
-                    Entry::Split(Split::new(&blocks, chunk_blocks, None))
+                    split_entry(&blocks, chunk_blocks, None)
                 });
             }
             (None, None) | (Some(Entry::Compact { .. }), None) => {
@@ -444,6 +563,7 @@ impl DeviceMap {
                     } => b.len() * 8,
                     Entry::Compact { present: None, .. } => 0,
                     Entry::Split(s) => s.words.len() * 8,
+                    Entry::Scattered(blocks) => blocks.len() * 8,
                 };
             }
         }
@@ -521,6 +641,7 @@ mod tests {
             let mut r = rand::rngs::SmallRng::seed_from_u64(u64::from(cb));
             let mut m = DeviceMap::default();
             let mut model = vec![NO_BLOCK; cb as usize];
+            let mut forms = [0u32; 2];
             for step in 0..20_000 {
                 let i = r.random_range(0..cb) as usize;
                 let new = match r.random_range(0..10) {
@@ -533,10 +654,15 @@ mod tests {
                 let want_old = Some(model[i]).filter(|&b| b != NO_BLOCK);
                 assert_eq!(old, want_old, "cb {cb} step {step}");
                 model[i] = new.unwrap_or(NO_BLOCK);
-                let want = settle(&model, cb);
+                let want = settle_split(&model, cb, None);
                 assert_eq!(m.get(5), want.as_ref(), "cb {cb} step {step}");
-                if let Some(Entry::Split(s)) = m.get(5) {
-                    home_bits_exact(s, cb);
+                match m.get(5) {
+                    Some(Entry::Split(s)) => {
+                        home_bits_exact(s, cb);
+                        forms[0] += 1;
+                    }
+                    Some(Entry::Scattered(_)) => forms[1] += 1,
+                    _ => {}
                 }
                 for (j, &b) in model.iter().enumerate() {
                     let got = m.lookup(5 * c + j as u64, cb);
@@ -557,27 +683,33 @@ mod tests {
                     );
                 }
             }
+            // Both split forms were taken (and checked) along the way.
+            assert!(forms.iter().all(|&n| n > 0), "cb {cb}: forms {forms:?}");
         }
     }
 
-    /// Bit i of a split entry's summary is set exactly when slot i is at its home offset.
+    /// Bit i of a split entry's summary is set exactly when slot i is at its home offset,
+    /// and `others` holds exactly the slots whose bit is clear.
     fn home_bits_exact(s: &Split, cb: u32) {
-        let w = bitmap_words(cb);
-        assert_eq!(s.w(), w);
-        assert_eq!(s.blocks().len(), cb as usize);
-        for (i, &b) in s.blocks().iter().enumerate() {
+        let (w, c) = (bitmap_words(cb), u64::from(cb));
+        assert_eq!(s.chunk_blocks(), cb);
+        let blocks = s.blocks();
+        assert_eq!(blocks.len(), cb as usize);
+        let mut at_home = 0;
+        for (i, &b) in blocks.iter().enumerate() {
             let bit = s.words[1 + i / 64] >> (i % 64) & 1 == 1;
-            assert_eq!(
-                bit,
-                s.words[0] != NO_BLOCK && b == s.words[0] + i as u64,
-                "slot {i}"
-            );
+            let home = s.home() != NO_HOME && b == u64::from(s.home()) * c + i as u64;
+            assert_eq!(bit, home, "slot {i}");
+            at_home += usize::from(bit);
         }
+        assert_eq!(s.words.len(), 1 + w + cb as usize - at_home);
+        // Never larger than the per-block array it replaces.
+        assert!(s.words.len() <= cb as usize);
     }
 
     #[test]
     fn split_summary_answers_home_slots() {
-        for cb in [2u32, 16, 63, 64, 65, 128, 256, 448] {
+        for cb in [16u32, 63, 64, 65, 128, 256, 448] {
             let c = u64::from(cb);
             let mut m = DeviceMap::default();
             for i in 0..c {
@@ -590,7 +722,9 @@ mod tests {
                 panic!("cb {cb}: not split");
             };
             home_bits_exact(s, cb);
-            assert_eq!(s.words[0], 3 * c);
+            assert_eq!(s.home(), 3);
+            // Header, bitmap and the one block that moved.
+            assert_eq!(s.words.len(), 1 + bitmap_words(cb) + 1);
             assert_eq!(m.lookup(0, cb), Some(moved));
             for i in 1..c {
                 assert_eq!(m.lookup(i, cb), Some(3 * c + i));

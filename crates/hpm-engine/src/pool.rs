@@ -637,7 +637,7 @@ impl Pool {
             for (_, e) in d.map.entries() {
                 match e {
                     crate::map::Entry::Compact { .. } => compact += 1,
-                    crate::map::Entry::Split(_) => split += 1,
+                    crate::map::Entry::Split(_) | crate::map::Entry::Scattered(_) => split += 1,
                 }
             }
         }
