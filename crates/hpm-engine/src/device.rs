@@ -449,6 +449,8 @@ impl Device {
             return Err(e);
         }
         if ops.iter().all(|o| matches!(o.kind, Kind::InPlace)) {
+            // Data only: numbered once written, for the next flush to sync (see `commit`).
+            inner.mutations.fetch_add(1, Ordering::SeqCst);
             return Ok(());
         }
         let mut live = inner.live.write();
@@ -466,6 +468,7 @@ impl Device {
                 .map_err(|e| Error::new(ErrorKind::Corrupt, format!("installing a write: {e}")))?;
             push_map(&mut live.records, self.id, op.vblock, op.pblock);
         }
+        inner.mutations.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -672,6 +675,7 @@ impl Device {
                         .apply(&r)
                         .map_err(|e| Error::new(ErrorKind::Corrupt, e))?;
                     push_unmap(&mut live.records, self.id, b);
+                    self.inner.mutations.fetch_add(1, Ordering::SeqCst);
                     self.inner.stats.add(&DISCARDED_BLOCKS, 1);
                 }
             }

@@ -29,6 +29,7 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 /// Copy-on-write granularity.
@@ -86,8 +87,11 @@ pub(crate) struct Inner {
     pub data: Dev,
     pub live: RwLock<Live>,
     pub store: Mutex<Store>,
-    /// Group commit: commits begun and the last one that succeeded (see `commit`).
-    pub commit_gen: Mutex<CommitGen>,
+    /// Numbers every completed change (see `commit`): a record installed (incremented
+    /// under `live`'s write lock, with the push) or data written in place (after the write).
+    pub mutations: AtomicU64,
+    /// The highest `mutations` value a successful commit has made durable.
+    pub synced: AtomicU64,
     pub stripes: Box<[Mutex<()>]>,
     pub gate: Gate,
     /// Set once a metadata write or sync failed (see `check_writable`).
@@ -98,15 +102,6 @@ pub(crate) struct Inner {
     pub dir: std::sync::OnceLock<PathBuf>,
     pub closed: std::sync::atomic::AtomicBool,
     _lock: Option<File>,
-}
-
-/// Commit numbers for group commit; changed only by a committer holding the store mutex.
-#[derive(Default)]
-pub(crate) struct CommitGen {
-    /// Commits begun (the number of the latest).
-    begun: u64,
-    /// The latest commit that succeeded.
-    ok: u64,
 }
 
 /// A thin pool. Cheap to clone; all clones share one pool.
@@ -538,7 +533,8 @@ impl Pool {
                     open: HashMap::new(),
                 }),
                 store: Mutex::new(store),
-                commit_gen: Mutex::new(CommitGen::default()),
+                mutations: AtomicU64::new(0),
+                synced: AtomicU64::new(0),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 gate: Gate::new(),
                 meta_failed: false.into(),
@@ -749,6 +745,7 @@ impl Pool {
                 .apply(&r)
                 .map_err(|e| Error::new(ErrorKind::Invalid, e))?;
             live.records.push(r);
+            self.inner.mutations.fetch_add(1, SeqCst);
         }
         self.inner.commit()
     }
@@ -831,37 +828,35 @@ impl Inner {
     /// Makes every write and metadata change completed before this call durable: the
     /// commit protocol (data sync, then the journal batch, then frees become reusable).
     ///
-    /// Group commit: callers that arrive while a commit runs share the next one. A commit
-    /// that begins after this call takes every record and syncs every data write completed
-    /// before it, so once one such commit has succeeded there is nothing left to do. The
-    /// caller reads the number of the next commit under `commit_gen`, the mutex the
-    /// committer takes to begin one: what the caller saw completed happens before that
-    /// commit takes its records and syncs the data.
+    /// Group commit, and nothing to do when nothing changed: every completed change has a
+    /// number in `mutations`, and a commit reads that number when it takes the records (under
+    /// `live`'s write lock, the lock every record is pushed under with its number), so it
+    /// makes durable every change numbered up to what it read: the records it took, and
+    /// (syncing after the read) every data write numbered before. A caller needs the number
+    /// current at its call; once `synced` reaches it, by a commit that ran before or while
+    /// it waited, it returns without another. Flushes that arrive together share one commit,
+    /// and a flush with nothing changed since the last commit costs two loads.
     pub(crate) fn commit(&self) -> Result<()> {
-        let need = self.commit_gen.lock().begun + 1;
-        let mut store = self.store.lock();
-        let n = {
-            let mut g = self.commit_gen.lock();
-            if g.ok >= need {
-                return Ok(());
-            }
-            g.begun += 1;
-            g.begun
-        };
-        let r = self.commit_locked(&mut store);
-        if r.is_ok() {
-            self.commit_gen.lock().ok = n;
+        let need = self.mutations.load(SeqCst);
+        if self.synced.load(SeqCst) >= need {
+            return Ok(());
         }
+        let mut store = self.store.lock();
+        if self.synced.load(SeqCst) >= need {
+            return Ok(());
+        }
+        let r = self.commit_locked(&mut store);
         self.note_meta(&store);
         r
     }
 
     fn commit_locked(&self, store: &mut Store) -> Result<()> {
-        let (records, (frees, txn)) = {
+        let (records, (frees, txn), covered) = {
             let mut live = self.live.write();
             (
                 std::mem::take(&mut live.records),
                 live.st.space.take_pending(),
+                self.mutations.load(SeqCst),
             )
         };
         // IMPORTANT: data first, so no durable record ever points at data that is not.
@@ -869,6 +864,7 @@ impl Inner {
             .sync()
             .map_err(|e| Error::io("flushing pool data", e))?;
         store.append(&records)?;
+        self.synced.fetch_max(covered, SeqCst);
         self.stats.bump_commit();
         self.release(&frees, txn);
         if store.journal_bytes() > CHECKPOINT_AFTER {
@@ -914,6 +910,7 @@ impl Inner {
             };
             store.write_checkpoint(&body, flags)?;
             live.records.clear();
+            self.synced.fetch_max(self.mutations.load(SeqCst), SeqCst);
             live.st.space.take_pending()
         };
         self.stats.bump_checkpoint();

@@ -326,3 +326,45 @@ fn concurrent_flushes_keep_every_flushed_write() {
     }
     assert_eq!(read_all(&pool, "base"), base);
 }
+
+/// A flush with nothing changed since the last commit commits nothing; a flush after any
+/// kind of change (a data-only overwrite in place, a discard) commits, and what it flushed
+/// survives a power failure that drops every unsynced write.
+#[test]
+fn flush_commits_only_when_something_changed_and_keeps_every_kind_of_change() {
+    const SIZE: usize = 256 << 10;
+    let sim = CrashSim::new(22);
+    let (pool, f) = new_pool(&sim);
+    pool.create_device("d", SIZE as u64).unwrap();
+    let d = pool.open_device("d").unwrap();
+    let mut image = pattern(3, SIZE);
+    d.write_at(&image, 0).unwrap();
+    d.flush().unwrap();
+    let commits = || pool.stats().commits;
+    let c0 = commits();
+    d.flush().unwrap();
+    pool.flush().unwrap();
+    assert_eq!(commits(), c0, "a flush with nothing changed committed");
+    // An overwrite of blocks the device owns changes data only, no metadata.
+    let over = pattern(4, 8192);
+    d.write_at(&over, 4096).unwrap();
+    image[4096..4096 + 8192].copy_from_slice(&over);
+    d.flush().unwrap();
+    assert_eq!(
+        commits(),
+        c0 + 1,
+        "a flush after an overwrite did not commit"
+    );
+    d.discard(65536, 4096).unwrap();
+    image[65536..65536 + 4096].fill(0);
+    d.flush().unwrap();
+    assert_eq!(commits(), c0 + 2, "a flush after a discard did not commit");
+    d.flush().unwrap();
+    assert_eq!(commits(), c0 + 2);
+    drop(d);
+    sim.crash_after_syncs(Some(0));
+    drop(pool);
+    sim.crash_with(TornPolicy::DropAll);
+    let pool = Pool::open_on(storage(&f), None).unwrap();
+    assert!(read_all(&pool, "d") == image, "a flushed change was lost");
+}
