@@ -8,8 +8,10 @@
 //! speaks nothing else); READs use structured replies when the client negotiates them.
 //!
 //! Wiring, for the daemon: bind the socket with [`bind_unix`] (mode 0600, stale socket
-//! replaced), run [`NbdServer::serve_unix`] on a multi-threaded tokio runtime (device I/O
-//! goes to its blocking pool), and on shutdown call [`Shutdown::trigger`]: the server stops
+//! replaced), run [`NbdServer::serve_unix`] on a tokio runtime (it only accepts there: each
+//! connection is served on a thread of its own with a single-threaded runtime, a request
+//! alone in its connection runs on that thread, overlapping requests on that runtime's
+//! blocking pool), and on shutdown call [`Shutdown::trigger`]: the server stops
 //! accepting, lets requests in flight finish, closes every connection and returns; by then
 //! it holds no device open, so the pool can be closed. TCP ([`NbdServer::serve_tcp`]) only
 //! when asked: NBD has no authentication.

@@ -1,13 +1,17 @@
-//! The server: accept loops for Unix and TCP listeners, one task per connection, and the
+//! The server: accept loops for Unix and TCP listeners, one thread per connection, and the
 //! Unix socket helper.
 //!
-//! This module owns connection lifetimes: each connection is a task in the accept loop's
-//! `JoinSet`, so `serve_*` returns only after every connection (and every device handle it
-//! opened) is gone, and the caller may then close the pool. It must never let one
-//! connection's failure (protocol violation, socket error, even a panic) stop the loop.
+//! This module owns connection lifetimes: each accepted connection is served on a thread of
+//! its own running a single-threaded runtime, and the accept loop's `JoinSet` holds a task
+//! that waits for that thread, so `serve_*` returns only after every connection (and every
+//! device handle it opened) is gone, and the caller may then close the pool. A thread of its
+//! own lets a request alone in its connection run right where it was read (see
+//! `transmission`). It must never let one connection's failure (protocol violation, socket
+//! error, even a panic) stop the loop.
 
 use crate::handshake::{self, End};
 use crate::stats::{Counters, NbdStats};
+use crate::transmission::InPlace;
 use crate::{transmission, Shutdown};
 use hpm_engine::Pool;
 use std::io;
@@ -81,7 +85,8 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
-        self.connection(r, w, shutdown).await
+        self.connection(r, w, shutdown, InPlace::of_this_runtime())
+            .await
     }
 
     async fn serve(&self, listener: Listener, shutdown: Shutdown) {
@@ -95,18 +100,14 @@ impl NbdServer {
                 _ = shutdown.triggered() => break,
                 a = accept(&listener) => a,
             };
-            match accepted {
-                Ok(Accepted::Unix(s)) => {
-                    let (r, w) = s.into_split();
+            if let Ok(Accepted::Tcp(ref s)) = accepted {
+                // Replies are batched already; do not let Nagle delay the last one.
+                let _ = s.set_nodelay(true);
+            }
+            match accepted.and_then(Accepted::into_std) {
+                Ok(s) => {
                     let (me, sd) = (self.clone(), shutdown.clone());
-                    conns.spawn(async move { me.connection(r, w, sd).await });
-                }
-                Ok(Accepted::Tcp(s)) => {
-                    // Replies are batched already; do not let Nagle delay the last one.
-                    let _ = s.set_nodelay(true);
-                    let (r, w) = s.into_split();
-                    let (me, sd) = (self.clone(), shutdown.clone());
-                    conns.spawn(async move { me.connection(r, w, sd).await });
+                    conns.spawn(async move { me.on_own_thread(s, sd).await });
                 }
                 Err(e) => {
                     tracing::warn!("NBD server: accepting a connection failed: {e}; retrying");
@@ -119,9 +120,58 @@ impl NbdServer {
         }
     }
 
+    /// Serves `stream` on a new thread with a single-threaded runtime of its own; completes
+    /// when that thread is done with it.
+    async fn on_own_thread(&self, stream: StdStream, shutdown: Shutdown) {
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("hpm-nbd-conn".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::warn!("NBD server: no runtime for a connection: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(me.serve_std(stream, shutdown));
+                drop(rt);
+                let _ = done.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("NBD server: cannot start a thread for a connection: {e}");
+            return;
+        }
+        if finished.await.is_err() {
+            tracing::error!("an NBD connection thread panicked; other connections go on");
+        }
+    }
+
+    /// A connection on its own thread: the socket joins this thread's runtime.
+    async fn serve_std(&self, stream: StdStream, shutdown: Shutdown) {
+        let registered = match stream {
+            StdStream::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
+                let (r, w) = s.into_split();
+                (Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
+            }),
+            StdStream::Tcp(s) => tokio::net::TcpStream::from_std(s).map(|s| {
+                let (r, w) = s.into_split();
+                (Box::new(r) as BoxRead, Box::new(w) as BoxWrite)
+            }),
+        };
+        match registered {
+            Ok((r, w)) => self.connection(r, w, shutdown, InPlace::Direct).await,
+            Err(e) => tracing::warn!("NBD server: cannot register a connection: {e}"),
+        }
+    }
+
     /// One connection: handshake, then transmission. Never returns an error: whatever
     /// ends the connection is logged and counted here.
-    async fn connection<R, W>(&self, r: R, w: W, shutdown: Shutdown)
+    async fn connection<R, W>(&self, r: R, w: W, shutdown: Shutdown, in_place: InPlace)
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -137,7 +187,8 @@ impl NbdServer {
             Ok(export) => {
                 let name = export.device.name().to_string();
                 tracing::debug!(export = %name, "NBD client entered transmission");
-                transmission::serve(&mut r, &mut w, export, &self.counters, &shutdown).await
+                transmission::serve(&mut r, &mut w, export, &self.counters, &shutdown, in_place)
+                    .await
             }
             Err(end) => Err(end),
         };
@@ -156,6 +207,25 @@ enum Accepted {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
 }
+
+impl Accepted {
+    /// The socket, deregistered from this runtime (still non-blocking) to move to another.
+    fn into_std(self) -> io::Result<StdStream> {
+        Ok(match self {
+            Accepted::Unix(s) => StdStream::Unix(s.into_std()?),
+            Accepted::Tcp(s) => StdStream::Tcp(s.into_std()?),
+        })
+    }
+}
+
+/// An accepted socket on its way to its connection thread.
+enum StdStream {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
 async fn accept(l: &Listener) -> io::Result<Accepted> {
     match l {

@@ -4,8 +4,8 @@
 //! This module owns the request pipeline. A reader parses requests and has `command`
 //! validate them; the blocking device call runs on tokio's blocking pool, and a writer sends
 //! those replies in completion order from a channel. A request alone in its connection (a
-//! client at queue depth 1) runs in place under `block_in_place` and the reader sends its
-//! reply itself; the two share the write half through an async mutex. Two semaphores bound
+//! client at queue depth 1) runs in place (see `InPlace`) and the reader sends its reply
+//! itself; the two share the write half through an async mutex. Two semaphores bound
 //! what a connection holds: `MAX_IN_FLIGHT` requests and `MAX_IN_FLIGHT_BYTES` of payload (write data read, read data not yet
 //! sent); their permits travel with the reply and are released once it is written.
 //!
@@ -54,6 +54,7 @@ pub(crate) async fn serve<R, W>(
     export: Export,
     counters: &Arc<Counters>,
     shutdown: &Shutdown,
+    in_place: InPlace,
 ) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
@@ -70,7 +71,7 @@ where
         counters: counters.clone(),
         count: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         bytes: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize)),
-        inline: inline_allowed(),
+        in_place,
     };
     let reader = async {
         // `tx` moves in here, so the channel closes once the reader and every request in
@@ -93,8 +94,8 @@ struct Session {
     counters: Arc<Counters>,
     count: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
-    /// Whether a request alone in the connection may run in place (`inline_allowed`).
-    inline: bool,
+    /// How a request alone in the connection runs.
+    in_place: InPlace,
 }
 
 /// Waits for `fut` unless the connection is ending first: `None` once `shutdown` is
@@ -168,19 +169,22 @@ impl Session {
                 };
             }
             // Everything that touches the device, its size included (it takes the
-            // engine's metadata lock, which a checkpoint can hold for a while), runs off the
-            // runtime's worker threads: a request alone in its connection (a client at queue
-            // depth 1) runs right here with `block_in_place`, which hands this worker's other
-            // tasks to another thread first, so its reply needs no hop to the blocking pool
-            // and back (each hop is a thread wake-up, tens of microseconds on an idle vCPU);
-            // otherwise it goes to the blocking pool so requests overlap. The in-place reply
-            // is sent from here, not queued for the writer: waking the writer (a future of
-            // this same task) from inside the task makes tokio requeue the task and wake
-            // another worker thread, which then sends the reply; on an idle vCPU that wake-up
-            // costs as much as the read itself.
-            if alone && self.inline {
-                let result =
-                    tokio::task::block_in_place(|| run(&self.device, &req, read_only, payload));
+            // engine's metadata lock, which a checkpoint can hold for a while), blocks: a
+            // request alone in its connection (a client at queue depth 1) runs right here
+            // (see `InPlace`), so its reply needs no hop to the blocking pool and back (each
+            // hop is a thread wake-up, tens of microseconds on an idle vCPU); otherwise it
+            // goes to the blocking pool so requests overlap. The in-place reply is sent from
+            // here, not queued for the writer: waking the writer (a future of this same task)
+            // from inside the task makes tokio requeue the task and wake another worker
+            // thread, which then sends the reply; on an idle vCPU that wake-up costs as much
+            // as the read itself.
+            if alone && self.in_place != InPlace::Never {
+                let result = match self.in_place {
+                    InPlace::Direct => run(&self.device, &req, read_only, payload),
+                    _ => {
+                        tokio::task::block_in_place(|| run(&self.device, &req, read_only, payload))
+                    }
+                };
                 let done = finish(&self.counters, &req, result, permits);
                 let sent = tokio::select! {
                     res = out.send(&done, true) => res,
@@ -229,11 +233,30 @@ fn run(dev: &Device, req: &Request, read_only: bool, payload: Vec<u8>) -> Result
     prepare(req, dev.size(), read_only, payload).and_then(|work| execute(dev, work))
 }
 
-/// Whether `block_in_place` may be used here: only on a multi-threaded runtime (the
-/// daemon's; a current-thread runtime, as in unit tests, would panic).
-fn inline_allowed() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+/// How a request alone in its connection runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InPlace {
+    /// On the reader's thread, blocking it: the connection has a thread and a
+    /// single-threaded runtime to itself (`server`), so nothing else waits on it.
+    Direct,
+    /// Under `block_in_place` on a shared multi-threaded runtime, which first hands the
+    /// worker's other tasks to another thread (a wake-up of its own, about 30 us here).
+    HandOff,
+    /// Never: a shared single-threaded runtime (where `block_in_place` would panic).
+    Never,
+}
+
+impl InPlace {
+    /// For a connection served on the caller's runtime.
+    pub(crate) fn of_this_runtime() -> InPlace {
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi {
+            InPlace::HandOff
+        } else {
+            InPlace::Never
+        }
+    }
 }
 
 /// Counts a finished request and packs it for the writer.
