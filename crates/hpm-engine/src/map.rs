@@ -172,13 +172,10 @@ impl Split {
 
     /// Whether slot `i` is at home, and else its index in `others`.
     fn locate(&self, i: usize) -> Result<(), usize> {
-        let bits = &self.words[1..];
-        if bits[i / 64] >> (i % 64) & 1 == 1 {
+        if self.words[1 + i / 64] >> (i % 64) & 1 == 1 {
             return Ok(());
         }
-        let below: u32 = bits[..i / 64].iter().map(|w| w.count_ones()).sum::<u32>()
-            + (bits[i / 64] & ((1u64 << (i % 64)) - 1)).count_ones();
-        Err(i - below as usize)
+        Err(i - self.home_below(i))
     }
 
     /// Per-slot physical blocks, `NO_BLOCK` where unmapped.
@@ -209,19 +206,59 @@ impl Split {
             .count() as u32
     }
 
-    /// Maps slot `i` to `b` (`NO_BLOCK`: unmapped) if that leaves the slot on the same side
-    /// of home (an update of `others` in place, or nothing); false if the entry must be
-    /// rebuilt.
-    fn set_in_place(&mut self, i: u32, b: u64, chunk_blocks: u32) -> bool {
-        let (c, w) = (u64::from(chunk_blocks), bitmap_words(chunk_blocks));
+    /// Maps slot `i` to block `b`, off home, when the entry provably stays in the home
+    /// form: some other slot stays at home (so it cannot become compact, nor want another
+    /// home) and the entry stays no larger than C words. In place if slot i was off home
+    /// already, else one allocation with `b` inserted into `others`. False (nothing
+    /// changed) otherwise: an unmap, a move back home, the last slot leaving home; the
+    /// caller then rebuilds the entry. The hot case is a copy-on-write into a chunk split
+    /// before (a container's writes landing block by block in its own chunk).
+    fn set_moved(&mut self, i: u32, b: u64, chunk_blocks: u32) -> bool {
+        let (c, w, i) = (
+            u64::from(chunk_blocks),
+            bitmap_words(chunk_blocks),
+            i as usize,
+        );
         let home = self.home();
-        let to_home = home != NO_HOME && b == u64::from(home) * c + u64::from(i);
-        match self.locate(i as usize) {
-            Err(k) if !to_home => self.words[1 + w + k] = b,
-            Ok(()) if to_home => {}
-            _ => return false,
+        if b == NO_BLOCK || home == NO_HOME || b == u64::from(home) * c + i as u64 {
+            return false;
+        }
+        let bits = &self.words[1..1 + w];
+        let others_home = bits.iter().enumerate().any(|(k, &x)| {
+            if k == i / 64 {
+                x & !(1 << (i % 64)) != 0
+            } else {
+                x != 0
+            }
+        });
+        if !others_home {
+            return false;
+        }
+        match self.locate(i) {
+            Err(k) => self.words[1 + w + k] = b,
+            Ok(()) => {
+                if self.words.len() + 1 > chunk_blocks as usize {
+                    return false;
+                }
+                // Slot i joins `others` at its place in slot order: after the off-home
+                // slots below it.
+                let at = 1 + w + (i - self.home_below(i));
+                let mut words = Vec::with_capacity(self.words.len() + 1);
+                words.extend_from_slice(&self.words[..at]);
+                words.push(b);
+                words.extend_from_slice(&self.words[at..]);
+                words[1 + i / 64] &= !(1 << (i % 64));
+                self.words = words.into_boxed_slice();
+            }
         }
         true
+    }
+
+    /// Slots below `i` that are at home.
+    fn home_below(&self, i: usize) -> usize {
+        let bits = &self.words[1..];
+        let whole: u32 = bits[..i / 64].iter().map(|w| w.count_ones()).sum();
+        (whole + (bits[i / 64] & ((1u64 << (i % 64)) - 1)).count_ones()) as usize
     }
 
     /// Whether any slot is at home.
@@ -455,18 +492,19 @@ impl DeviceMap {
         match (slot.as_mut(), new) {
             (Some(e @ (Entry::Split(_) | Entry::Scattered(_))), n) => {
                 let b = n.unwrap_or(NO_BLOCK);
-                // A block off its own offset keeps the entry split; otherwise it may line up
-                // again (or, after an unmap, be empty), or be worth the other split form.
+                // A block off its own offset keeps a scattered entry scattered; otherwise it
+                // may line up again (or, after an unmap, be empty), or be worth the home form.
+                // `Split::set_moved` knows when a home-form entry cannot change form.
                 let may_change_form = n.is_none() || own_offset;
-                let in_place = !may_change_form
-                    && match e {
-                        Entry::Split(s) => s.set_in_place(i, b, chunk_blocks),
-                        Entry::Scattered(blocks) => {
-                            blocks[i as usize] = b;
-                            true
-                        }
-                        Entry::Compact { .. } => unreachable!("matched above"),
-                    };
+                let in_place = match e {
+                    Entry::Split(s) => s.set_moved(i, b, chunk_blocks),
+                    Entry::Scattered(blocks) if !may_change_form => {
+                        blocks[i as usize] = b;
+                        true
+                    }
+                    Entry::Scattered(_) => false,
+                    Entry::Compact { .. } => unreachable!("matched above"),
+                };
                 if !in_place {
                     let (mut blocks, home) = match e {
                         Entry::Split(s) => (s.blocks(), s.has_home(chunk_blocks).then(|| s.home())),
