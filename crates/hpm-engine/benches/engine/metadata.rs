@@ -1,7 +1,9 @@
 //! Experiment 4: snapshot creation time of a device with 1 GiB mapped (against a device with
 //! nothing mapped, in turns), and the metadata cost of a map entry: memory per compact entry
 //! (a fully written device) and per split entry (a snapshot with one copy-on-write block in
-//! every chunk), and checkpoint bytes on disk per entry after a clean close.
+//! every chunk), checkpoint bytes on disk per entry after a clean close, and the time of a
+//! sequential 4 KiB copy-on-write through a fresh snapshot (each chunk splits at its first
+//! block, takes the others one by one, and collapses back at its last).
 //!
 //! On-disk bytes come from the metadata files after two clean closes in a row: the first
 //! checkpoint goes into one file, the second (same state, empty journal) into the other, so
@@ -16,6 +18,8 @@ use std::time::Instant;
 
 const BIG: u64 = GIB;
 const CHUNK: u64 = 512 * KIB;
+/// Region rewritten block by block in the sequential copy-on-write timing.
+const SEQ: u64 = 64 * MIB;
 
 /// Closes `pool` twice in a row (reopening in between) and returns it reopened with the size
 /// of one metadata file, which then holds the checkpoint and nothing else.
@@ -87,6 +91,25 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section) -> R<()> {
     let info2 = pool.info()?;
     let (pool, ck2) = checkpoint_size(pool, &pdir)?;
     let info3 = pool.info()?;
+
+    progress!(
+        "metadata: {} rounds of sequential copy-on-write",
+        cfg.rounds
+    );
+    let blk = pattern(BLOCK as usize, 6);
+    let mut seq_us = Vec::new();
+    for rno in 0..cfg.rounds {
+        let name = format!("seq-{rno}");
+        pool.snapshot("big", &name, false)?;
+        let d = pool.open_device(&name)?;
+        let t = Instant::now();
+        for off in (0..SEQ).step_by(BLOCK as usize) {
+            d.write_at(&blk, off)?;
+        }
+        seq_us.push(t.elapsed().as_nanos() as f64 / 1e3 / (SEQ / BLOCK) as f64);
+        drop(d);
+        pool.remove_device(&name)?;
+    }
     pool.close()?;
 
     let (compact, split) = (info1.entries.0, info2.entries.1);
@@ -117,6 +140,11 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section) -> R<()> {
         "checkpoint bytes per split entry",
         &per(ck2 - ck1, split),
         "B",
+    );
+    sec.row(
+        "sequential 4 KiB copy-on-write through a snapshot, no flush",
+        &seq_us,
+        "µs/op",
     );
     sec.row(
         "space accounting memory per mapped GiB",
