@@ -43,28 +43,42 @@ pub(crate) enum Entry {
 /// The split entry for per-slot `blocks` in the smaller of its two forms (the home form
 /// when they tie), with `home` as its home chunk if given, else the likeliest one.
 fn split_entry(blocks: &[u64], chunk_blocks: u32, home: Option<u32>) -> Entry {
-    let home = home.or_else(|| likeliest_home(blocks, chunk_blocks));
-    split_entry_of(chunk_blocks, home, |i| blocks[i])
+    let c = u64::from(chunk_blocks);
+    let home = home
+        .or_else(|| likeliest_home(blocks, chunk_blocks))
+        .unwrap_or(NO_HOME);
+    let mut words = vec![0u64; 1 + bitmap_words(chunk_blocks)];
+    if home != NO_HOME {
+        for (i, &b) in blocks.iter().enumerate() {
+            if b == u64::from(home) * c + i as u64 {
+                words[1 + i / 64] |= 1 << (i % 64);
+            }
+        }
+    }
+    finish_split(words, home, chunk_blocks, |i| blocks[i])
 }
 
-/// As `split_entry`, with `home` decided and slot i's block given by `block(i)`; builds
-/// only the form it returns (the copy-on-write of a compact entry is the hot caller).
-fn split_entry_of(chunk_blocks: u32, home: Option<u32>, block: impl Fn(usize) -> u64) -> Entry {
-    let (c, n) = (u64::from(chunk_blocks), chunk_blocks as usize);
-    let home = home.unwrap_or(NO_HOME);
-    let at_home = |i: usize| home != NO_HOME && block(i) == u64::from(home) * c + i as u64;
-    let w = bitmap_words(chunk_blocks);
-    let mut words = vec![0u64; 1 + w];
-    for i in (0..n).filter(|&i| at_home(i)) {
-        words[1 + i / 64] |= 1 << (i % 64);
-    }
+/// Completes a split entry from its home bits (`words` = one header word, not yet written,
+/// then the bitmap): the home form with `block(i)` of every slot off home appended, or the
+/// per-block array if that is smaller.
+fn finish_split(
+    mut words: Vec<u64>,
+    home: u32,
+    chunk_blocks: u32,
+    block: impl Fn(usize) -> u64,
+) -> Entry {
+    let (n, w) = (chunk_blocks as usize, bitmap_words(chunk_blocks));
     let homed: usize = words[1..].iter().map(|x| x.count_ones() as usize).sum();
     if 1 + w + (n - homed) > n {
         return Entry::Scattered((0..n).map(block).collect());
     }
+    words[0] = u64::from(home) << 32 | u64::from(chunk_blocks);
     words.reserve_exact(n - homed);
-    words[0] = u64::from(home) << 32 | c;
-    words.extend((0..n).filter(|&i| !at_home(i)).map(&block));
+    for i in 0..n {
+        if words[1 + i / 64] >> (i % 64) & 1 == 0 {
+            words.push(block(i));
+        }
+    }
     Entry::Split(Split {
         words: words.into_boxed_slice(),
     })
@@ -119,8 +133,8 @@ impl Eq for Entry {}
 impl Split {
     /// The entry after the copy-on-write of slot `i` of a compact entry in `pchunk` (with
     /// `present`) to block `p`: home `pchunk`, its bits less slot i; `others` is slot i and
-    /// the unmapped slots. Built directly, without the per-block array: the hot path of a
-    /// first write into a shared chunk.
+    /// the unmapped slots. Built from the bits, without the per-block array: the hot path
+    /// of a first write into a shared chunk.
     fn cow_of_compact(
         pchunk: u32,
         present: Option<&[u64]>,
@@ -128,37 +142,26 @@ impl Split {
         p: u64,
         chunk_blocks: u32,
     ) -> Entry {
-        let (n, w, i) = (
-            chunk_blocks as usize,
-            bitmap_words(chunk_blocks),
-            i as usize,
-        );
-        let mut words = Vec::with_capacity(1 + w + 1);
-        words.push(u64::from(pchunk) << 32 | u64::from(chunk_blocks));
+        let i = i as usize;
+        let mut words = vec![0u64];
         match present {
             Some(bits) => words.extend_from_slice(bits),
             None => words.extend(full_bits(chunk_blocks)),
         }
         words[1 + i / 64] &= !(1 << (i % 64));
-        let homed: usize = words[1..].iter().map(|x| x.count_ones() as usize).sum();
-        if pchunk == NO_HOME || 1 + w + (n - homed) > n {
-            let base = u64::from(pchunk) * u64::from(chunk_blocks);
-            let blocks: Vec<u64> = (0..n)
-                .map(|j| match words[1 + j / 64] >> (j % 64) & 1 {
-                    _ if j == i => p,
-                    1 => base + j as u64,
-                    _ => NO_BLOCK,
-                })
-                .collect();
-            return Entry::Scattered(blocks.into());
+        if pchunk == NO_HOME {
+            // No chunk number left to mean "home": every slot goes to `others`.
+            words[1..].fill(0);
         }
-        for j in 0..n {
-            if words[1 + j / 64] >> (j % 64) & 1 == 0 {
-                words.push(if j == i { p } else { NO_BLOCK });
+        let base = u64::from(pchunk) * u64::from(chunk_blocks);
+        finish_split(words, pchunk, chunk_blocks, |j| {
+            if j == i {
+                p
+            } else if present.is_none_or(|bits| bits[j / 64] >> (j % 64) & 1 == 1) {
+                base + j as u64
+            } else {
+                NO_BLOCK
             }
-        }
-        Entry::Split(Split {
-            words: words.into_boxed_slice(),
         })
     }
 

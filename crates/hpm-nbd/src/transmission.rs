@@ -6,8 +6,9 @@
 //! those replies in completion order from a channel. A request alone in its connection (a
 //! client at queue depth 1) runs in place (see `InPlace`) and the reader sends its reply
 //! itself; the two share the write half through an async mutex. Two semaphores bound
-//! what a connection holds: `MAX_IN_FLIGHT` requests and `MAX_IN_FLIGHT_BYTES` of payload (write data read, read data not yet
-//! sent); their permits travel with the reply and are released once it is written.
+//! what a connection holds: `MAX_IN_FLIGHT` requests and `MAX_IN_FLIGHT_BYTES` of payload
+//! (write data read, read data not yet sent); their permits travel with the reply and are
+//! released once it is written.
 //!
 //! Ordering: a reply is sent only after its device call returned, so a FLUSH (a pool-wide
 //! commit) covers every write the client has seen completed; a FUA write flushes before
