@@ -30,3 +30,19 @@ ensure_rust() {
         return 1
     fi
 }
+
+# Benchmarks only: the guest's cpuidle-haltpoll window (how long an idle vCPU of a KVM guest
+# polls before it halts; a halted vCPU takes tens of microseconds to wake). halt_poll_now
+# prints it ("none" without the haltpoll driver); halt_poll_set NS sets it and prints the value
+# it replaced, for the caller to put back on exit.
+HALT_POLL_PARAM=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+halt_poll_now() { cat "$HALT_POLL_PARAM" 2>/dev/null || echo none; }
+halt_poll_set() {
+    local old
+    old=$(cat "$HALT_POLL_PARAM" 2>/dev/null) || {
+        echo "error: HALT_POLL_NS given but this machine has no $HALT_POLL_PARAM" >&2
+        return 1
+    }
+    echo "$1" >"$HALT_POLL_PARAM" || return 1
+    echo "$old"
+}
