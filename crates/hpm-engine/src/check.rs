@@ -36,7 +36,7 @@ impl CheckReport {
 /// directory, I/O errors, lock held); damage is reported in the report.
 pub fn check(dir: &Path) -> Result<CheckReport> {
     let _lock = crate::pool::lock_dir(dir)?;
-    match open_files(dir, true) {
+    match open_files(dir, true, hpm_io::IoMode::Buffered) {
         Ok(storage) => check_storage(storage),
         Err(e)
             if e.kind() == crate::ErrorKind::Corrupt

@@ -22,6 +22,8 @@ pub use cache::{CacheConfig, CacheMode, CachePolicy, CacheStats, DEFAULT_CACHE_S
 pub use check::{check, check_storage, CheckReport};
 pub use device::Device;
 pub use error::{Error, ErrorKind, Result};
+/// How the data store is read and written; see [`Pool::open_with_io`].
+pub use hpm_io::IoMode;
 pub use pool::{CowGranularity, DeviceInfo, Pool, PoolInfo, PoolOptions};
 pub use state::MAX_NAME;
 pub use stats::EngineStats;

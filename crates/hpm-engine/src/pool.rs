@@ -24,7 +24,7 @@ use crate::{Error, ErrorKind, Result};
 use hpm_format::{
     Record, Superblock, BLOCK_SIZE, FLAG_NEEDS_CHECK, MAX_CHUNK_BLOCKS, MIN_CHUNK_BLOCKS,
 };
-use hpm_io::{Backend, Checked, FileBackend};
+use hpm_io::{Backend, Checked, FileBackend, IoMode};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::fs::File;
@@ -100,6 +100,8 @@ pub(crate) struct Inner {
     pub cache: BlockCache,
     /// The pool directory, when opened from one (for `Pool::check`).
     pub dir: std::sync::OnceLock<PathBuf>,
+    /// The data store's I/O mode, when opened from a directory with one other than buffered.
+    pub data_io: std::sync::OnceLock<IoMode>,
     pub closed: std::sync::atomic::AtomicBool,
     _lock: Option<File>,
 }
@@ -152,6 +154,8 @@ pub struct PoolInfo {
     pub space_memory_bytes: u64,
     /// Number of compact and split map entries.
     pub entries: (u64, u64),
+    /// How the data store is read and written (chosen when the pool is opened).
+    pub data_io: IoMode,
 }
 
 /// Locks the pool in `dir`, which must hold one (no lock file is left in other directories).
@@ -203,8 +207,9 @@ fn data_path(dir: &Path, sb: &Superblock) -> PathBuf {
     }
 }
 
-/// Opens the files of an existing pool directory.
-pub(crate) fn open_files(dir: &Path, read_only: bool) -> Result<PoolStorage> {
+/// Opens the files of an existing pool directory; the data store with `data_io` unless
+/// read-only (inspections read through the page cache).
+pub(crate) fn open_files(dir: &Path, read_only: bool, data_io: IoMode) -> Result<PoolStorage> {
     let open = |name: &str| -> Result<Box<dyn Backend>> {
         let p = dir.join(name);
         let f = if read_only {
@@ -228,7 +233,7 @@ pub(crate) fn open_files(dir: &Path, read_only: bool) -> Result<PoolStorage> {
     let data = if read_only {
         FileBackend::open_read_only(&dp)
     } else {
-        FileBackend::open(&dp)
+        FileBackend::open_with(&dp, data_io)
     }
     .map_err(|e| Error::io(format!("opening the pool's data store {}", dp.display()), e))?;
     Ok(PoolStorage {
@@ -390,10 +395,17 @@ impl Pool {
 
     /// `open` with the given block cache.
     pub fn open_with(dir: &Path, cache: CacheConfig) -> Result<Pool> {
+        Self::open_with_io(dir, cache, IoMode::Buffered)
+    }
+
+    /// `open_with`, the data store read and written with `data_io` ([`IoMode::Direct`]:
+    /// `O_DIRECT`, as dm-thin's bios reach its data device; nothing cached twice).
+    pub fn open_with_io(dir: &Path, cache: CacheConfig, data_io: IoMode) -> Result<Pool> {
         let lock = lock_dir(dir)?;
-        let storage = open_files(dir, false)?;
+        let storage = open_files(dir, false, data_io)?;
         let pool = Self::open_on_with(storage, Some(lock), cache)?;
         let _ = pool.inner.dir.set(dir.to_path_buf());
+        let _ = pool.inner.data_io.set(data_io);
         Ok(pool)
     }
 
@@ -411,7 +423,7 @@ impl Pool {
             self.inner.commit()?;
         }
         let _store = self.inner.store.lock();
-        crate::check_storage(open_files(dir, true)?)
+        crate::check_storage(open_files(dir, true, IoMode::Buffered)?)
     }
 
     /// The directory the pool was opened from, if any.
@@ -541,6 +553,7 @@ impl Pool {
                 stats: Stats::default(),
                 cache: BlockCache::new(cache),
                 dir: std::sync::OnceLock::new(),
+                data_io: std::sync::OnceLock::new(),
                 closed: false.into(),
                 _lock: lock,
             }),
@@ -648,6 +661,7 @@ impl Pool {
             map_memory_bytes: map_memory,
             space_memory_bytes: live.st.space.memory_bytes() as u64,
             entries: (compact, split),
+            data_io: self.inner.data_io.get().copied().unwrap_or_default(),
         })
     }
 

@@ -59,7 +59,10 @@ fn run(ops: &[Op], cow: CowGranularity, capacity_chunks: u64) {
 }
 
 fn run_with(ops: &[Op], cow: CowGranularity, capacity_chunks: u64, cache: CacheConfig) {
-    let disks = Disks::mem();
+    run_on(Disks::mem(), ops, cow, capacity_chunks, cache)
+}
+
+fn run_on(disks: Disks, ops: &[Op], cow: CowGranularity, capacity_chunks: u64, cache: CacheConfig) {
     let opts = PoolOptions {
         chunk_size: 64 << 10,
         cow,
@@ -210,6 +213,19 @@ proptest! {
     #[test]
     fn chunk_granularity_matches_model(ops in prop::collection::vec(op(), 1..60)) {
         run(&ops, CowGranularity::Chunk, 64);
+    }
+}
+
+proptest! {
+    // Real files and O_DIRECT: fewer cases, each one slower.
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The data store read and written with direct I/O (unaligned writes as read-modify-write
+    /// of their blocks), with a small cache so most reads reach the file.
+    #[test]
+    fn engine_matches_model_with_direct_data_io(ops in prop::collection::vec(op(), 1..60)) {
+        let cache = CacheConfig { size: 32 * 4096, ..CacheConfig::default() };
+        run_on(Disks::direct_data(), &ops, CowGranularity::Block, 64, cache);
     }
 }
 

@@ -293,6 +293,7 @@ fn usage_errors_exit_2() {
         &["device", "list", "--yaml"],
         &["pool", "create", "--cow-granularity", "byte"],
         &["check", "--log-level", "loud"],
+        &["daemon", "--data-io", "sideways"],
     ] {
         let out = env.run(args);
         assert_eq!(out.status.code(), Some(2), "{}", show(args, &out));

@@ -13,12 +13,16 @@
 //!
 //! Two more pools of the block 512K geometry separate the engine's work from the host's: one
 //! on a data file written with zeros first (preallocated), and one on a data store that
-//! drops writes and reads zeros (`Discard`: the engine's own work only, no data I/O).
+//! drops writes and reads zeros (`Discard`: the engine's own work only, no data I/O). Two
+//! more open their data store with direct I/O (`IoMode::Direct`, as the daemon's
+//! `--data-io direct`), on a sparse and on a preallocated data file, beside a raw-file peer
+//! that writes with O_DIRECT too: without the host page cache, a first write and an
+//! overwrite both cost a disk write.
 
 use crate::progress;
 use crate::report::{ratios, Section, Summary, Target};
 use crate::setup::{create_pool, fill_device, label, pattern, rng, Config, BLOCK, KIB, MIB, R};
-use hpm_engine::{CowGranularity, EngineStats, Pool, PoolStorage};
+use hpm_engine::{CacheConfig, CowGranularity, EngineStats, IoMode, Pool, PoolStorage};
 use hpm_io::{Backend, MemBackend};
 use rand::Rng;
 use std::fs::File;
@@ -59,10 +63,18 @@ impl Backend for Discard {
 /// Spacing of the raw peer's first writes: each lands in its own untouched region.
 const RAW_STRIDE: u64 = 512 * KIB;
 
-/// Who is measured: a pool, or the raw-file peer with the next untouched region.
+/// Who is measured: a pool, or a raw-file peer with the next untouched region.
 enum Subject {
     Pool(Pool),
     Raw(File, u64),
+}
+
+/// A 4096-aligned copy of `data` (for O_DIRECT writes), kept in `store`.
+fn aligned_copy<'a>(store: &'a mut Vec<u8>, data: &[u8]) -> &'a [u8] {
+    store.resize(data.len() + 4096, 0);
+    let a = store.as_ptr().align_offset(4096);
+    store[a..a + data.len()].copy_from_slice(data);
+    &store[a..a + data.len()]
 }
 
 /// One pool's measurements for one variant, one value per round.
@@ -152,9 +164,10 @@ fn raw_round(file: &File, next: &mut u64, m: usize, flush: bool, seed: u64) -> R
         .map(|i| (*next + i) * RAW_STRIDE + r.random_range(0..RAW_STRIDE / BLOCK) * BLOCK)
         .collect();
     *next += m as u64 + 1;
-    let buf = pattern(BLOCK as usize, 7);
+    let mut store = Vec::new();
+    let buf = aligned_copy(&mut store, &pattern(BLOCK as usize, 7));
     let write = |off: u64| -> R<()> {
-        file.write_all_at(&buf, off)?;
+        file.write_all_at(buf, off)?;
         if flush {
             file.sync_data()?;
         }
@@ -223,6 +236,48 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
         labels.push(l);
     }
     let prealloc_i = subjects.len() - 1;
+    // The block 512K geometry with its data store opened for direct I/O: on a sparse file
+    // (closed after creation and reopened, as the daemon with `--data-io direct` opens it),
+    // and on a preallocated one.
+    let mut direct_is = Vec::new();
+    for prealloc in [false, true] {
+        let l = format!(
+            "block 512K, direct data I/O{}",
+            if prealloc {
+                ", preallocated data store"
+            } else {
+                ""
+            }
+        );
+        progress!("cow: building pool {l}");
+        let pdir = dir.join(if prealloc {
+            "block-512K-direct-prealloc"
+        } else {
+            "block-512K-direct"
+        });
+        std::fs::create_dir_all(&pdir)?;
+        let data = pdir.join("data.store");
+        let f = File::create(&data)?;
+        if prealloc {
+            let zeros = vec![0u8; MIB as usize];
+            for i in 0..512 {
+                f.write_all_at(&zeros, i * MIB)?;
+            }
+        }
+        f.sync_all()?;
+        let opts = hpm_engine::PoolOptions {
+            chunk_size: 512 * KIB,
+            capacity: Some(512 * MIB),
+            data: Some(data),
+            ..hpm_engine::PoolOptions::default()
+        };
+        Pool::create(&pdir.join("pool"), &opts)?.close()?;
+        let p = Pool::open_with_io(&pdir.join("pool"), CacheConfig::default(), IoMode::Direct)?;
+        add_base(&p, &fill)?;
+        subjects.push(Subject::Pool(p));
+        labels.push(l);
+        direct_is.push(subjects.len() - 1);
+    }
     {
         let l = "block 512K, discarding data store (engine work only)".to_string();
         progress!("cow: building pool {l}: metadata in memory, data dropped");
@@ -250,6 +305,20 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
     subjects.push(Subject::Raw(raw, 0));
     labels.push("raw file (the filesystem alone)".into());
     let raw_i = subjects.len() - 1;
+    let raw_direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(dir.join("raw-direct"))?
+    };
+    raw_direct.set_len(8 << 30)?;
+    raw_direct.sync_all()?;
+    subjects.push(Subject::Raw(raw_direct, 0));
+    labels.push("raw file, O_DIRECT (the filesystem alone)".into());
+    let raw_direct_i = subjects.len() - 1;
     let pos = |cow: CowGranularity, chunk: u64| {
         geos.iter()
             .position(|&g| g == (cow, chunk))
@@ -288,7 +357,7 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
         }
         for (i, (l, s)) in labels.iter().zip(&per).enumerate() {
             let r = ratios(&s.first_us, &s.over_us);
-            let first = if i == raw_i {
+            let first = if i == raw_i || i == raw_direct_i {
                 "first write (into a hole)"
             } else {
                 "first write (CoW)"
@@ -301,7 +370,10 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
                 "overwrite",
             );
             sec.row(format!("{l}, {vname}: overwrite"), &s.over_us, "µs/op");
-            if (i < geos.len() && geos[i].0 == CowGranularity::Block) || i == prealloc_i {
+            if (i < geos.len() && geos[i].0 == CowGranularity::Block)
+                || i == prealloc_i
+                || direct_is.contains(&i)
+            {
                 let med = Summary::of(&r).median;
                 targets.push(Target {
                     what: format!("CoW first write / overwrite, {l}, {vname}"),
@@ -334,6 +406,13 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
                 "raw first write into a hole",
             );
         }
+        sec.row_vs(
+            format!("block 512K direct data I/O vs raw file O_DIRECT, {vname}: first write"),
+            &per[direct_is[0]].first_us,
+            "µs/op",
+            &ratios(&per[direct_is[0]].first_us, &per[raw_direct_i].first_us),
+            "raw O_DIRECT first write into a hole",
+        );
         results.push(per);
     }
     // Bytes per op do not depend on flushing: report them once, from the no-flush variant.
@@ -367,6 +446,7 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
     sec.note("`flush after each write` calls Device::flush after every write: data fdatasync, then (only if records are pending, i.e. after a first write) a journal append + fsync of the metadata file; an overwrite of an owned block has no metadata to commit. The raw peer calls fdatasync after each pwrite.");
     sec.note("The raw-file peer is a sparse 8 GiB file in the same directory: a first write into a hole makes the filesystem allocate (a new page-cache page, a delayed-allocation reservation), as the new block of a copy-on-write does in the pool's sparse data file.");
     sec.note("`preallocated data store`: the data file is written with zeros in 1 MiB pwrites and synced before the pool is created, so a first write lands in a block that is allocated and cached, but clean, cold and inside a large page-cache folio made by those 1 MiB writes (a 4 KiB buffered write walks every buffer head of its folio). Freed blocks are still punched (each round removes its snapshot), so the store does not stay fully allocated either. It is not a measure of the engine's work alone; `discarding data store` is.");
+    sec.note("`direct data I/O`: the pool's data store opened with O_DIRECT (`Pool::open_with_io`, the daemon's `--data-io direct`): every data write is a disk write, as dm-thin's bios to its data device are, and a first write differs from an overwrite only by the engine's work and the filesystem's block allocation for the new block (none on the preallocated store while its blocks stay allocated; each round's snapshot removal punches its blocks again). The `raw file, O_DIRECT` peer shows the filesystem's own cost of the same pattern with direct I/O.");
     sec.note("`discarding data store (engine work only)`: the same geometry with metadata in memory and a data store that drops writes (and reads zeros): the time is the engine's own work (plan, allocation, map update, records), with no data I/O and no fsync cost; informational, not a target.");
     let chunk_512 = &results[0][pos(CowGranularity::Chunk, 512 * KIB)];
     if Summary::of(&chunk_512.first_read).median == 0.0

@@ -15,6 +15,8 @@ pub struct Disks {
     pub sb: Arc<dyn Backend>,
     pub meta: [Arc<dyn Backend>; 2],
     pub data: Arc<dyn Backend>,
+    /// Where a file-backed store lives, kept as long as the stores.
+    pub dir: Option<Arc<tempfile::TempDir>>,
 }
 
 impl Disks {
@@ -23,6 +25,22 @@ impl Disks {
             sb: Arc::new(MemBackend::new()),
             meta: [Arc::new(MemBackend::new()), Arc::new(MemBackend::new())],
             data: Arc::new(MemBackend::new()),
+            dir: None,
+        }
+    }
+
+    /// Metadata in memory, data in a real file read and written with O_DIRECT (the
+    /// daemon's `--data-io direct`).
+    pub fn direct_data() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("data");
+        hpm_io::FileBackend::create_new(&path).expect("create data file");
+        let data = hpm_io::FileBackend::open_with(&path, hpm_io::IoMode::Direct)
+            .expect("open the data file for direct I/O");
+        Disks {
+            data: Arc::new(data),
+            dir: Some(Arc::new(dir)),
+            ..Disks::mem()
         }
     }
 

@@ -92,6 +92,7 @@ struct InfoJson {
     space_memory_bytes: u64,
     compact_entries: u64,
     split_entries: u64,
+    data_io: String,
 }
 
 impl From<&PoolInfo> for InfoJson {
@@ -111,6 +112,7 @@ impl From<&PoolInfo> for InfoJson {
             space_memory_bytes: i.space_memory_bytes,
             compact_entries: i.entries.0,
             split_entries: i.entries.1,
+            data_io: i.data_io.to_string(),
         }
     }
 }
@@ -137,6 +139,7 @@ pub fn info(pool: &Pool, args: &InfoArgs, out: &mut dyn Write) -> Result<()> {
         ("metadata", human(j.metadata_bytes)),
         ("devices", j.devices.to_string()),
         ("cow granularity", j.cow_granularity.to_string()),
+        ("data I/O", j.data_io.clone()),
         (
             "data allocated",
             j.data_allocated_bytes.map_or("unknown".into(), human),

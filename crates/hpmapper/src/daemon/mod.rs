@@ -35,6 +35,11 @@ pub struct DaemonArgs {
     /// benchmarks only) or `off`.
     #[arg(long, value_enum, default_value_t = crate::cli::CacheModeArg::Shared)]
     cache_mode: crate::cli::CacheModeArg,
+    /// How the daemon reads and writes the pool's data store: `buffered` (through the host
+    /// page cache) or `direct` (O_DIRECT, as dm-thin writes its data device: nothing cached
+    /// twice, the block cache is the only cache of pool data).
+    #[arg(long, value_name = "MODE", default_value = "buffered")]
+    data_io: hpm_engine::IoMode,
     /// NBD server on this unix socket [default: RUN_DIR/nbd.sock].
     #[arg(long, value_name = "PATH")]
     nbd_unix: Option<PathBuf>,
@@ -154,7 +159,7 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
         .transpose()?;
     crate::cli::require_dir(pool_dir).context("starting the daemon")?;
     prepare_run_dir(run_dir)?;
-    let pool = Pool::open_with(pool_dir, cache)
+    let pool = Pool::open_with_io(pool_dir, cache, args.data_io)
         .with_context(|| format!("opening pool {}", pool_dir.display()))?;
     let pool_dir = std::fs::canonicalize(pool_dir).context("resolving the pool directory")?;
     let daemon = Arc::new(Daemon {
