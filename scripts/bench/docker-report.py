@@ -4,6 +4,7 @@ import datetime, os, platform, sys
 from reportlib import med, mr, sh
 
 raw, rounds, full, git, elapsed, active, skipped, bench_dir = sys.argv[1:9]
+halt_poll = sys.argv[9] if len(sys.argv) > 9 else "?"
 peers = active.split()
 cow, start, io = {}, {}, {}
 for line in open(raw):
@@ -24,10 +25,12 @@ disk = sh(f"df --output=source,fstype {bench_dir} | tail -1")
 print("# Docker storage drivers: `scripts/bench/docker`\n")
 peers_env = "" if peers == ["overlay2", "vfs", "btrfs", "hpmapper", "dm-like"] or skipped else \
     f"PEERS=\"{' '.join(peers)}\" "
-print(f"Date {datetime.date.today()}, command `ROUNDS={rounds} FULL={full} {peers_env}scripts/bench/docker`, "
+hp_env = "" if "HALT_POLL_NS" not in halt_poll else f"HALT_POLL_NS={halt_poll.split()[0]} "
+print(f"Date {datetime.date.today()}, command `{hp_env}ROUNDS={rounds} FULL={full} {peers_env}scripts/bench/docker`, "
       f"tree {git}, {elapsed} s. Machine: {os.cpu_count()} cores ({cpu}), {mem} GiB RAM, kernel "
       f"{platform.release()}, bench directory {bench_dir} on `{disk}`, Docker "
-      f"{sh('dockerd --version')}.\n")
+      f"{sh('dockerd --version')}; guest halt polling (cpuidle haltpoll guest_halt_poll_ns): "
+      f"{halt_poll}.\n")
 print("## Method\n")
 print("One private dockerd per peer (own data-root, exec-root, socket and containerd namespaces; "
       "the system dockerd is not touched), all up at once; every measurement is taken on every "
@@ -39,6 +42,9 @@ method = {
     "hpmapper": "- **hpmapper**: `hpmapper pool create` (block CoW, 512K chunks), `hpmapper daemon "
                 "--docker` (shared cache, default 512M), graphdriver plugin socket in "
                 "/run/docker/plugins.",
+    "hpmapper-direct": "- **hpmapper-direct**: hpmapper with `hpmapper daemon --data-io direct` "
+                       "(the pool's data file read and written with O_DIRECT, as dm-thin's "
+                       "bios reach its data device; pool data cached only by the block cache).",
     "dm-like": "- **dm-like** (devicemapper-like baseline): `hpmapper pool create --cow-granularity "
                "chunk --chunk-size 64K`, `hpmapper daemon --cache-mode per-device --docker` (a "
                "cache per device, and, like dm-thin's bios to its data device, no shared cache "
@@ -123,6 +129,12 @@ if start:
         if ("overlay2", 16) in start:
             o = med(start[("overlay2", 16)])
             print(f"| hpmapper within 1.3x of overlay2 | hpmapper / overlay2 = {h/o:.2f}x | {yes(h/o <= 1.3)} |")
+        if ("hpmapper-direct", 16) in start:
+            hd = med(start[("hpmapper-direct", 16)])
+            if ("dm-like", 16) in start:
+                print(f"| (the same, hpmapper-direct) | dm-like / hpmapper-direct = {med(start[('dm-like', 16)])/hd:.2f}x | {yes(med(start[('dm-like', 16)])/hd >= 2.0)} |")
+            if ("overlay2", 16) in start:
+                print(f"| (the same, hpmapper-direct) | hpmapper-direct / overlay2 = {hd/med(start[('overlay2', 16)]):.2f}x | {yes(hd/med(start[('overlay2', 16)]) <= 1.3)} |")
     print()
 
 if io:
@@ -132,11 +144,11 @@ if io:
     print("| N | driver | backend read MiB | x file | target | met |")
     print("|---|---|---|---|---|---|")
     for n in ns:
-        for p in ("hpmapper", "dm-like"):
+        for p in ("hpmapper", "hpmapper-direct", "dm-like"):
             if (p, n) not in io: continue
             v = io[(p, n)]
             x = med(v) / F
-            if p == "hpmapper":
+            if p.startswith("hpmapper"):
                 tgt, ok = "about 1x (<= 1.1x)", x <= 1.1
             else:
                 tgt, ok = f"about {n}x (baseline)", abs(x - n) <= 0.1 * n

@@ -109,6 +109,32 @@ fn add_base(pool: &Pool, fill: &[u8]) -> R<()> {
     Ok(())
 }
 
+/// A block-512K pool in `pdir` on the data file `pdir/data`, written with zeros first if
+/// `prealloc`, opened (after creation, as the daemon opens it) with data I/O `io`, holding
+/// the base device.
+fn file_pool(pdir: &Path, prealloc: bool, io: IoMode, fill: &[u8]) -> R<Pool> {
+    std::fs::create_dir_all(pdir)?;
+    let data = pdir.join("data");
+    let f = File::create(&data)?;
+    if prealloc {
+        let zeros = vec![0u8; MIB as usize];
+        for i in 0..512 {
+            f.write_all_at(&zeros, i * MIB)?;
+        }
+    }
+    f.sync_all()?;
+    let opts = hpm_engine::PoolOptions {
+        chunk_size: 512 * KIB,
+        capacity: Some(512 * MIB),
+        data: Some(data),
+        ..hpm_engine::PoolOptions::default()
+    };
+    Pool::create(&pdir.join("pool"), &opts)?.close()?;
+    let p = Pool::open_with_io(&pdir.join("pool"), CacheConfig::default(), io)?;
+    add_base(&p, fill)?;
+    Ok(p)
+}
+
 /// One round on one pool: snapshot, `m` first writes alternating with `m` overwrites,
 /// remove the snapshot.
 fn round(pool: &Pool, name: &str, m: usize, flush: bool, seed: u64) -> R<RoundResult> {
@@ -212,33 +238,18 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
     }
     // The same pool geometry on a data store that is fully allocated, as a raw block device
     // (or a preallocated file) is: a first write then costs the engine's own work only.
-    {
-        let l = "block 512K, preallocated data store".to_string();
-        progress!("cow: building pool {l}: 512 MiB data file written with zeros first");
-        let pdir = dir.join("block-512K-prealloc");
-        std::fs::create_dir_all(&pdir)?;
-        let data = pdir.join("data.preallocated");
-        let f = File::create(&data)?;
-        let zeros = vec![0u8; MIB as usize];
-        for i in 0..512 {
-            f.write_all_at(&zeros, i * MIB)?;
-        }
-        f.sync_all()?;
-        let opts = hpm_engine::PoolOptions {
-            chunk_size: 512 * KIB,
-            capacity: Some(512 * MIB),
-            data: Some(data),
-            ..hpm_engine::PoolOptions::default()
-        };
-        let p = Pool::create(&pdir.join("pool"), &opts)?;
-        add_base(&p, &fill)?;
-        subjects.push(Subject::Pool(p));
-        labels.push(l);
-    }
+    let l = "block 512K, preallocated data store".to_string();
+    progress!("cow: building pool {l}: 512 MiB data file written with zeros first");
+    subjects.push(Subject::Pool(file_pool(
+        &dir.join("block-512K-prealloc"),
+        true,
+        IoMode::Buffered,
+        &fill,
+    )?));
+    labels.push(l);
     let prealloc_i = subjects.len() - 1;
-    // The block 512K geometry with its data store opened for direct I/O: on a sparse file
-    // (closed after creation and reopened, as the daemon with `--data-io direct` opens it),
-    // and on a preallocated one.
+    // The block 512K geometry with its data store opened for direct I/O, on a sparse and on
+    // a preallocated file.
     let mut direct_is = Vec::new();
     for prealloc in [false, true] {
         let l = format!(
@@ -250,31 +261,13 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
             }
         );
         progress!("cow: building pool {l}");
-        let pdir = dir.join(if prealloc {
-            "block-512K-direct-prealloc"
-        } else {
-            "block-512K-direct"
-        });
-        std::fs::create_dir_all(&pdir)?;
-        let data = pdir.join("data.store");
-        let f = File::create(&data)?;
-        if prealloc {
-            let zeros = vec![0u8; MIB as usize];
-            for i in 0..512 {
-                f.write_all_at(&zeros, i * MIB)?;
-            }
-        }
-        f.sync_all()?;
-        let opts = hpm_engine::PoolOptions {
-            chunk_size: 512 * KIB,
-            capacity: Some(512 * MIB),
-            data: Some(data),
-            ..hpm_engine::PoolOptions::default()
-        };
-        Pool::create(&pdir.join("pool"), &opts)?.close()?;
-        let p = Pool::open_with_io(&pdir.join("pool"), CacheConfig::default(), IoMode::Direct)?;
-        add_base(&p, &fill)?;
-        subjects.push(Subject::Pool(p));
+        let pdir = dir.join(format!("block-512K-direct-{prealloc}"));
+        subjects.push(Subject::Pool(file_pool(
+            &pdir,
+            prealloc,
+            IoMode::Direct,
+            &fill,
+        )?));
         labels.push(l);
         direct_is.push(subjects.len() - 1);
     }
