@@ -33,9 +33,11 @@ ensure_rust() {
 
 # Benchmarks only: the guest's cpuidle-haltpoll window (how long an idle vCPU of a KVM guest
 # polls before it halts; a halted vCPU takes tens of microseconds to wake). halt_poll_now
-# prints it ("none" without the haltpoll driver); halt_poll_set NS sets it and prints the value
-# it replaced, for the caller to put back on exit.
+# prints it ("none" without the haltpoll driver); halt_poll_set NS sets it, remembering the
+# machine's own value (HALT_POLL_OLD) the first time; halt_poll_restore puts that back (call
+# it on exit); halt_poll_desc says what a run used, for reports.
 HALT_POLL_PARAM=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+HALT_POLL_OLD=""
 halt_poll_now() { cat "$HALT_POLL_PARAM" 2>/dev/null || echo none; }
 halt_poll_set() {
     local old
@@ -43,6 +45,16 @@ halt_poll_set() {
         echo "error: HALT_POLL_NS given but this machine has no $HALT_POLL_PARAM" >&2
         return 1
     }
-    echo "$1" >"$HALT_POLL_PARAM" || return 1
-    echo "$old"
+    [ -n "$HALT_POLL_OLD" ] || HALT_POLL_OLD=$old
+    echo "$1" >"$HALT_POLL_PARAM"
+}
+halt_poll_restore() {
+    if [ -n "$HALT_POLL_OLD" ]; then echo "$HALT_POLL_OLD" >"$HALT_POLL_PARAM"; fi
+}
+halt_poll_desc() {
+    if [ -n "$HALT_POLL_OLD" ]; then
+        echo "$(halt_poll_now) ns, set by HALT_POLL_NS for this run (the machine's own: $HALT_POLL_OLD)"
+    else
+        echo "$(halt_poll_now) (the machine's own setting)"
+    fi
 }
