@@ -581,6 +581,17 @@ impl Pool {
         self.inner.cow
     }
 
+    /// Data capacity and data in use, in bytes: the first two figures of
+    /// [`Pool::info`], without its walk over every device's map.
+    pub fn space(&self) -> (u64, u64) {
+        let live = self.inner.live.read();
+        let space = &live.st.space;
+        (
+            space.capacity_blocks() * BLOCK_SIZE,
+            space.used_blocks() * BLOCK_SIZE,
+        )
+    }
+
     /// Counters since open.
     pub fn stats(&self) -> EngineStats {
         self.inner.stats.snapshot()

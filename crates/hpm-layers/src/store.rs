@@ -80,6 +80,10 @@ pub const DEFAULT_BASE_SIZE: u64 = 10 << 30;
 /// The smallest base size accepted: room for ext4's journal and metadata.
 pub const MIN_BASE_SIZE: u64 = 16 << 20;
 
+/// The default minimum free space, in percent of the pool's capacity: 10, as
+/// devicemapper's `dm.min_free_space`.
+pub const DEFAULT_MIN_FREE_SPACE: u8 = 10;
+
 /// Options of [`LayerStore::open`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -93,6 +97,11 @@ pub struct StoreOptions {
     /// Where the container root is inside a layer's filesystem; default
     /// [`Layout::RootfsDir`].
     pub layout: Layout,
+    /// New layers are refused while less than this percentage of the pool's capacity is
+    /// free (0 to 99; 0 never refuses), so that the containers already running keep room
+    /// to write, as devicemapper's `dm.min_free_space`; default
+    /// [`DEFAULT_MIN_FREE_SPACE`].
+    pub min_free_space: u8,
 }
 
 /// Where the container root is inside a layer's filesystem.
@@ -115,6 +124,7 @@ impl StoreOptions {
             home: home.into(),
             base_size: DEFAULT_BASE_SIZE,
             layout: Layout::default(),
+            min_free_space: DEFAULT_MIN_FREE_SPACE,
         }
     }
 }
@@ -126,6 +136,7 @@ pub struct LayerStore {
     names: Names,
     base_size: u64,
     layout: Layout,
+    min_free_space: u8,
     mnt: PathBuf,
     locks: IdLocks,
     table: Mutex<MountTable>,
@@ -145,6 +156,15 @@ impl LayerStore {
                 ),
             ));
         }
+        if opts.min_free_space > 99 {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!(
+                    "minimum free space {}% must be between 0% and 99%",
+                    opts.min_free_space
+                ),
+            ));
+        }
         let mnt = opts.home.join("mnt");
         fs::create_dir_all(&mnt)
             .map_err(|e| Error::io(format!("creating {}", mnt.display()), e))?;
@@ -157,6 +177,7 @@ impl LayerStore {
             names: Names::new(&opts.namespace),
             base_size: opts.base_size,
             layout: opts.layout,
+            min_free_space: opts.min_free_space,
             mnt,
             locks: IdLocks::default(),
             table: Mutex::new(MountTable::default()),
@@ -189,6 +210,7 @@ impl LayerStore {
                 format!("layer {id:?} already exists"),
             ));
         }
+        self.check_free_space(id)?;
         let (current, of_what) = match parent {
             Some(p) => (self.layer_info(p)?.size, format!("parent layer {p:?}")),
             None => (self.base_size, "the store's base size".to_string()),
@@ -231,6 +253,28 @@ impl LayerStore {
         }
         tracing::info!(layer = id, parent, size, "created");
         Ok(())
+    }
+
+    /// Refuses a new layer `id` with `NoSpace` while less than the minimum free space of the
+    /// pool is free: a layer costs little to make, but the containers already running need
+    /// the room to write (a full pool fails their writes).
+    fn check_free_space(&self, id: &str) -> Result<()> {
+        let (capacity, used) = self.pool.space();
+        let free = capacity.saturating_sub(used);
+        let min = capacity / 100 * u64::from(self.min_free_space);
+        if free >= min {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::NoSpace,
+            format!(
+                "creating layer {id:?}: the pool has {} free of {}, less than its minimum free space of {}% ({}) kept for the containers already running; remove unused containers and images, or grow the pool",
+                info::human_size(free),
+                info::human_size(capacity),
+                self.min_free_space,
+                info::human_size(min),
+            ),
+        ))
     }
 
     /// Removes layer `id` (unknown ids succeed). Refused with `Busy` while it is mounted.

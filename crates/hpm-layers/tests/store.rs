@@ -384,6 +384,72 @@ fn size_option_grows_the_filesystem_and_refuses_to_shrink() {
 }
 
 #[test]
+fn new_layers_are_refused_below_the_minimum_free_space() {
+    if !requirements("new_layers_are_refused_below_the_minimum_free_space") {
+        return;
+    }
+    let env = Env::build(hpm_layers::Layout::RootfsDir, 512 * MIB, 25);
+    let s = env.store();
+    s.create("image", None, None).unwrap();
+    s.create("running", Some("image"), None).unwrap();
+    let rootfs = s.get("running", "").unwrap();
+    let status = s.status();
+    assert!(
+        status.contains(&("Minimum Free Space".to_string(), "25%".to_string())),
+        "{status:?}"
+    );
+
+    // Something else fills the pool until less than 25% of it is free.
+    let (capacity, used) = env.pool.space();
+    let fill = (capacity - used - capacity / 4 + 8 * MIB).next_multiple_of(MIB);
+    env.pool.create_device("filler", fill).unwrap();
+    let filler = env.pool.open_device("filler").unwrap();
+    let chunk = vec![0x5a_u8; MIB as usize];
+    for off in (0..fill).step_by(MIB as usize) {
+        filler.write_at(&chunk, off).unwrap();
+    }
+    drop(filler);
+
+    // A new layer, with or without a parent, is refused and leaves nothing behind...
+    for (id, parent) in [("child", Some("image")), ("fresh", None)] {
+        let e = s.create(id, parent, None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
+        let msg = e.to_string();
+        for want in [
+            format!("creating layer {id:?}"),
+            "minimum free space of 25%".to_string(),
+            "remove unused containers and images".to_string(),
+        ] {
+            assert!(msg.contains(&want), "{msg:?} lacks {want:?}");
+        }
+        assert!(!s.exists(id));
+    }
+    // ... while the running layer still writes into the room that was kept for it.
+    fs::write(rootfs.join("log"), vec![7u8; 4 * MIB as usize]).unwrap();
+    s.put("running").unwrap();
+
+    // Space freed: layers can be made again.
+    env.pool.remove_device("filler").unwrap();
+    s.create("child", Some("image"), None).unwrap();
+    assert_eq!(
+        fs::read(s.get("running", "").unwrap().join("log"))
+            .unwrap()
+            .len(),
+        4 * MIB as usize
+    );
+    s.put("running").unwrap();
+
+    // Out-of-range settings are refused at open.
+    let mut opts = hpm_layers::StoreOptions::new(NAMESPACE, env.dir.path().join("other"));
+    opts.min_free_space = 100;
+    let e = hpm_layers::LayerStore::open(env.pool.clone(), env.devices.clone(), opts)
+        .err()
+        .expect("100% accepted");
+    assert_eq!(e.kind(), ErrorKind::Invalid);
+    assert!(e.to_string().contains("between 0% and 99%"), "{e}");
+}
+
+#[test]
 fn hostile_layers_are_refused_and_write_nothing_outside_rootfs() {
     if !requirements("hostile_layers_are_refused_and_write_nothing_outside_rootfs") {
         return;

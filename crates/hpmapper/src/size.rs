@@ -69,6 +69,19 @@ pub fn parse(input: &str) -> Result<u64, SizeError> {
         .ok_or_else(|| err("it does not fit in 64 bits".into()))
 }
 
+/// Parses a whole percentage below 100: `"10%"` or `"10"` (as devicemapper's
+/// `dm.min_free_space=10%`). The error says what is accepted.
+pub fn parse_percent(input: &str) -> Result<u8, String> {
+    let s = input.trim();
+    let digits = s.strip_suffix('%').unwrap_or(s).trim_end();
+    match digits.parse::<u8>() {
+        Ok(n) if n < 100 && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        _ => Err(format!(
+            "invalid percentage {input:?}: write a whole number from 0 to 99, optionally followed by %"
+        )),
+    }
+}
+
 /// Formats a byte count for people: "0 B", "512 KiB", "1.5 MiB".
 pub fn human(bytes: u64) -> String {
     let mut unit = 0;
@@ -113,6 +126,19 @@ mod tests {
         ];
         for &(input, want) in table {
             assert_eq!(parse(input), Ok(want), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn percentages_parse_below_100_and_garbage_is_refused() {
+        for (input, want) in [("0", 0), ("10%", 10), (" 25 % ", 25), ("99", 99), ("5%", 5)] {
+            assert_eq!(parse_percent(input), Ok(want), "{input:?}");
+        }
+        for input in [
+            "", "%", "100", "100%", "-1", "+5", "1.5%", "ten", "10%%", "256",
+        ] {
+            let e = parse_percent(input).expect_err(input);
+            assert!(e.contains("from 0 to 99"), "{input:?}: {e}");
         }
     }
 

@@ -348,6 +348,16 @@ fn failures_exit_1_with_one_clear_line() {
             &["device", "read", "a", "--offset", "0", "--length", "x"],
             "--length",
         ),
+        (
+            &[
+                "daemon",
+                "--containerd-socket",
+                "/nonexistent/s.sock",
+                "--containerd-min-free-space",
+                "100%",
+            ],
+            "--containerd-min-free-space: invalid percentage \"100%\": write a whole number from 0 to 99",
+        ),
     ];
     for (args, want) in cases {
         let e = env.fails(args);

@@ -710,3 +710,62 @@ fn storage_opt_size_grows_and_refuses_below_the_base_size() {
     assert_eq!(d.ok(&["ps", "-aq"]), "");
     assert_eq!(h.layer_devices().len(), 1, "only the image's layer is left");
 }
+
+#[test]
+fn a_nearly_full_pool_refuses_new_containers_and_running_ones_keep_writing() {
+    if !docker_requirements("hpmapper.min_free_space") {
+        return;
+    }
+    // 99% of the pool kept free: new layers are refused once more than 1% of it is in use.
+    let h = HpmDocker::start_with(&["hpmapper.min_free_space=99%"]);
+    let d = &h.dockerd;
+    d.import("bb:base", &busybox_rootfs());
+    let status = d.ok(&["info", "--format", "{{json .DriverStatus}}"]);
+    assert!(
+        status.contains(r#"["Minimum Free Space","99%"]"#),
+        "{status}"
+    );
+    d.ok(&["run", "-d", "--name", "running", "bb:base", "sleep", "600"]);
+
+    // Something outside Docker takes the pool past 1% in use.
+    let (capacity, used) = (h.capacity_bytes(), h.used_bytes());
+    assert!(
+        used < capacity / 100,
+        "{used} of {capacity} in use before filling"
+    );
+    let fill = (capacity / 100 - used + (16 << 20)).next_multiple_of(1 << 20);
+    let file = h.env.path("fill");
+    fs::write(&file, vec![0x5a_u8; fill as usize]).unwrap();
+    h.env
+        .ok(&["device", "create", "filler", "--size", &fill.to_string()]);
+    h.env.ok(&[
+        "device",
+        "write",
+        "filler",
+        "--offset",
+        "0",
+        file.to_str().unwrap(),
+    ]);
+    fs::remove_file(&file).unwrap();
+
+    // A new container is refused with the reason; nothing of it is left.
+    let args = ["run", "--name", "refused", "bb:base", "true"];
+    let err = d.failed(&args, d.run(&args));
+    assert!(err.contains("minimum free space of 99%"), "{err}");
+    assert!(err.contains("remove unused containers and images"), "{err}");
+    assert_eq!(d.ok(&["ps", "-aq", "--filter", "name=refused"]), "");
+    // The running container still writes into the room kept for it.
+    let written = d.ok(&[
+        "exec",
+        "running",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/f bs=1M count=8 2>/dev/null && sync && wc -c < /f",
+    ]);
+    assert_eq!(written.trim(), "8388608");
+
+    // Space freed: containers start again.
+    h.env.ok(&["device", "remove", "filler"]);
+    assert_eq!(d.ok(&["run", "--rm", "bb:base", "echo", "ok"]), "ok");
+    d.ok(&["rm", "-f", "running"]);
+}

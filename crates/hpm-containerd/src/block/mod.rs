@@ -54,6 +54,9 @@ pub struct BlockOptions {
     pub state_dir: PathBuf,
     /// Size of the filesystem of a snapshot without parent (a multiple of 4096).
     pub base_size: u64,
+    /// New snapshots are refused while less than this percentage of the pool is free
+    /// (see [`hpm_layers::StoreOptions::min_free_space`]).
+    pub min_free_space: u8,
 }
 
 /// The snapshotter; see the module doc.
@@ -102,6 +105,7 @@ impl BlockSnapshotter {
         let file = MetaFile::open(&opts.state_dir)?;
         let mut so = StoreOptions::new(NAMESPACE, &opts.state_dir);
         so.base_size = opts.base_size;
+        so.min_free_space = opts.min_free_space;
         so.layout = Layout::FsRoot;
         let store = LayerStore::open(pool, devices, so).map_err(store_error)?;
         let s = Self {

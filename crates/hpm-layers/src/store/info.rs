@@ -19,6 +19,10 @@ impl LayerStore {
             ("Namespace".to_string(), self.names.namespace().to_string()),
             ("Base Device Size".to_string(), human_size(self.base_size)),
             ("Chunk Size".to_string(), human_size(self.pool.chunk_size())),
+            (
+                "Minimum Free Space".to_string(),
+                format!("{}%", self.min_free_space),
+            ),
         ];
         if let Some(dir) = self.pool.dir() {
             out.insert(0, ("Pool".to_string(), dir.display().to_string()));

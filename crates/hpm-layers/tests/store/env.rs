@@ -107,6 +107,7 @@ impl BlockDevices for LoopDevices {
 pub struct Env {
     store: Option<LayerStore>,
     layout: Layout,
+    min_free_space: u8,
     pub devices: Arc<LoopDevices>,
     pub pool: Pool,
     pub dir: tempfile::TempDir,
@@ -119,6 +120,16 @@ impl Env {
 
     /// A store whose layers put the container root at `layout`.
     pub fn with_layout(layout: Layout) -> Env {
+        Env::build(
+            layout,
+            2048 * MIB,
+            hpm_layers::store::DEFAULT_MIN_FREE_SPACE,
+        )
+    }
+
+    /// A store on a pool of `capacity` bytes that refuses new layers while less than
+    /// `min_free_space` percent of it is free.
+    pub fn build(layout: Layout, capacity: u64, min_free_space: u8) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("hpm-store-")
             .tempdir_in("/var/tmp")
@@ -126,7 +137,7 @@ impl Env {
         let pool = Pool::create(
             &dir.path().join("pool"),
             &PoolOptions {
-                capacity: Some(2048 * MIB),
+                capacity: Some(capacity),
                 ..Default::default()
             },
         )
@@ -140,6 +151,7 @@ impl Env {
         let mut env = Env {
             store: None,
             layout,
+            min_free_space,
             devices,
             pool,
             dir,
@@ -152,6 +164,7 @@ impl Env {
         let mut opts = StoreOptions::new(NAMESPACE, self.home());
         opts.base_size = BASE;
         opts.layout = self.layout;
+        opts.min_free_space = self.min_free_space;
         LayerStore::open(self.pool.clone(), self.devices.clone(), opts).unwrap()
     }
 

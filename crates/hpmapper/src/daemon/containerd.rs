@@ -17,8 +17,9 @@ use std::sync::Arc;
 /// The state directory of the snapshotter inside the pool directory.
 pub const STATE_DIR: &str = "containerd";
 
-/// Opens the snapshotter of daemon `d` with parent-less snapshots of `base_size` bytes.
-pub fn open(d: &Arc<Daemon>, base_size: u64) -> Result<Arc<BlockSnapshotter>> {
+/// Opens the snapshotter of daemon `d` with parent-less snapshots of `base_size` bytes,
+/// refusing new snapshots while less than `min_free_space` percent of the pool is free.
+pub fn open(d: &Arc<Daemon>, base_size: u64, min_free_space: u8) -> Result<Arc<BlockSnapshotter>> {
     let state_dir: PathBuf = d.pool_dir().join(STATE_DIR);
     let s = BlockSnapshotter::open(
         d.pool().clone(),
@@ -26,6 +27,7 @@ pub fn open(d: &Arc<Daemon>, base_size: u64) -> Result<Arc<BlockSnapshotter>> {
         BlockOptions {
             state_dir: state_dir.clone(),
             base_size,
+            min_free_space,
         },
     )
     .with_context(|| {
@@ -38,6 +40,7 @@ pub fn open(d: &Arc<Daemon>, base_size: u64) -> Result<Arc<BlockSnapshotter>> {
     tracing::info!(
         state = %state_dir.display(),
         base_size,
+        min_free_space,
         views,
         active,
         committed,

@@ -87,15 +87,20 @@ fn invalid(message: String) -> DriverError {
 impl GraphDriver for DockerDriver {
     fn init(&self, home: &Path, opts: &[String]) -> Result<(), DriverError> {
         let mut base = DEFAULT_BASE_SIZE;
+        let mut min_free = hpm_layers::store::DEFAULT_MIN_FREE_SPACE;
         for (k, v) in hpm_docker::parse_key_values(opts)? {
             match k.as_str() {
                 "hpmapper.basesize" => {
                     base = crate::size::parse(&v)
                         .map_err(|e| invalid(format!("hpmapper.basesize: {e}")))?;
                 }
+                "hpmapper.min_free_space" => {
+                    min_free = crate::size::parse_percent(&v)
+                        .map_err(|e| invalid(format!("hpmapper.min_free_space: {e}")))?;
+                }
                 _ => {
                     return Err(invalid(format!(
-                        "unknown storage option {k:?}; hpmapper knows hpmapper.basesize"
+                        "unknown storage option {k:?}; hpmapper knows hpmapper.basesize and hpmapper.min_free_space"
                     )))
                 }
             }
@@ -118,9 +123,15 @@ impl GraphDriver for DockerDriver {
         let devices: Arc<dyn BlockDevices> = Arc::new(DaemonDevices::new(&d));
         let mut o = StoreOptions::new(NAMESPACE, home);
         o.base_size = base;
+        o.min_free_space = min_free;
         let store = LayerStore::open(d.pool().clone(), devices, o).map_err(err)?;
         *slot = Some((home.to_path_buf(), Arc::new(store)));
-        tracing::info!(home = %home.display(), base_size = base, "Docker graphdriver initialized");
+        tracing::info!(
+            home = %home.display(),
+            base_size = base,
+            min_free_space = min_free,
+            "Docker graphdriver initialized"
+        );
         Ok(())
     }
 

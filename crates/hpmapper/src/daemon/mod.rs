@@ -16,7 +16,7 @@ mod metrics;
 pub use attach::{server_counters_json, Attachment};
 
 use crate::cli::parse_size;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use hpm_engine::{CacheConfig, Pool};
 use parking_lot::Mutex;
@@ -64,6 +64,11 @@ pub struct DaemonArgs {
     /// Filesystem size of containerd snapshots without parent [default: 10G].
     #[arg(long, value_name = "SIZE", requires = "containerd_socket")]
     containerd_base_size: Option<String>,
+    /// Refuse new containerd snapshots while less than this share of the pool is free, so
+    /// running containers keep room to write (Docker: `--storage-opt
+    /// hpmapper.min_free_space=PERCENT`); 0 never refuses [default: 10%].
+    #[arg(long, value_name = "PERCENT", requires = "containerd_socket")]
+    containerd_min_free_space: Option<String>,
 }
 
 /// A TCP address from `PORT` (loopback) or `ADDR:PORT`.
@@ -147,6 +152,14 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
         })
         .transpose()?
         .unwrap_or(hpm_containerd::block::DEFAULT_BASE_SIZE);
+    let containerd_min_free = args
+        .containerd_min_free_space
+        .as_deref()
+        .map(|s| {
+            crate::size::parse_percent(s).map_err(|e| anyhow!("--containerd-min-free-space: {e}"))
+        })
+        .transpose()?
+        .unwrap_or(hpm_layers::store::DEFAULT_MIN_FREE_SPACE);
     let nbd_tcp = args
         .nbd_tcp
         .as_deref()
@@ -187,7 +200,7 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
     let containerd = args
         .containerd_socket
         .clone()
-        .map(|socket| (socket, containerd_base));
+        .map(|socket| (socket, containerd_base, containerd_min_free));
     let served = rt.block_on(serve(
         daemon.clone(),
         args.nbd_unix.clone(),
@@ -223,7 +236,7 @@ async fn serve(
     nbd_tcp: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
     docker: Option<PathBuf>,
-    containerd: Option<(PathBuf, u64)>,
+    containerd: Option<(PathBuf, u64, u8)>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -265,9 +278,9 @@ async fn serve(
             served
         });
     }
-    if let Some((path, base_size)) = containerd {
+    if let Some((path, base_size, min_free_space)) = containerd {
         // Opened before binding: containerd finding the socket means the snapshotter works.
-        let snapshotter = containerd::open(&d, base_size)?;
+        let snapshotter = containerd::open(&d, base_size, min_free_space)?;
         let l = hpm_containerd::bind(&path).with_context(|| {
             format!(
                 "binding the containerd snapshotter socket {}",
@@ -322,8 +335,8 @@ fn shutdown(d: Arc<Daemon>) -> Result<()> {
     attach::detach_all(&d);
     let _ = std::fs::remove_file(d.run_dir.join(crate::control::SOCKET));
     let _ = std::fs::remove_file(d.run_dir.join("nbd.sock"));
-    let d = Arc::try_unwrap(d)
-        .map_err(|_| anyhow::anyhow!("a server still holds the daemon at shutdown"))?;
+    let d =
+        Arc::try_unwrap(d).map_err(|_| anyhow!("a server still holds the daemon at shutdown"))?;
     d.pool.close().context("closing the pool")?;
     tracing::info!("pool closed cleanly");
     Ok(())

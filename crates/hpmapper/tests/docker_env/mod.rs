@@ -394,17 +394,20 @@ pub struct HpmDocker {
 impl HpmDocker {
     /// Starts the daemon, then dockerd.
     pub fn start() -> HpmDocker {
+        HpmDocker::start_with(&[])
+    }
+
+    /// Starts the daemon, then dockerd with `storage_opts` after the base size.
+    pub fn start_with(storage_opts: &[&str]) -> HpmDocker {
         let name = unique_name();
         let socket = PathBuf::from(format!("/run/docker/plugins/{name}.sock"));
         let mut env = Env::new_in(Path::new(TMP_PARENT), "20G");
         env.set_daemon_args(&["--docker", "--docker-socket", socket.to_str().unwrap()]);
         env.start_daemon();
-        let dockerd = Dockerd::new(
-            env.path("d"),
-            &name,
-            &[&format!("hpmapper.basesize={BASE_SIZE}")],
-            &name,
-        );
+        let base = format!("hpmapper.basesize={BASE_SIZE}");
+        let mut opts = vec![base.as_str()];
+        opts.extend_from_slice(storage_opts);
+        let dockerd = Dockerd::new(env.path("d"), &name, &opts, &name);
         let mut h = HpmDocker {
             dockerd,
             env,
@@ -416,10 +419,19 @@ impl HpmDocker {
 
     /// The pool's `used_bytes`, asked through the daemon.
     pub fn used_bytes(&self) -> u64 {
+        self.pool_figure("used_bytes")
+    }
+
+    /// The pool's `capacity_bytes`, asked through the daemon.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.pool_figure("capacity_bytes")
+    }
+
+    fn pool_figure(&self, key: &str) -> u64 {
         let info = self.env.json(&["pool", "info", "--json"]);
-        info["used_bytes"]
+        info[key]
             .as_u64()
-            .unwrap_or_else(|| panic!("no used_bytes in {info}"))
+            .unwrap_or_else(|| panic!("no {key} in {info}"))
     }
 
     /// The pool devices holding Docker layers (`docker/<id>`), without the base volumes.
