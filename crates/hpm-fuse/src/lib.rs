@@ -50,12 +50,17 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use table::Shared;
 
+/// The default number of FUSE worker threads (see [`FuseOptions::threads`]).
+pub const DEFAULT_THREADS: u16 = 16;
+
 /// Options of [`FuseExport::mount`].
 #[derive(Debug, Clone)]
 pub struct FuseOptions {
     /// FUSE worker threads, each reading requests from its own `/dev/fuse` descriptor
     /// (`FUSE_DEV_IOC_CLONE`). Requests are handled synchronously, so this is also the number
-    /// of device requests in flight. Default 8.
+    /// of device requests in flight. Default 16: with 8, fio's 4 KiB random reads at queue
+    /// depth 16 on ext4 over loop ran at 0.8x (24.6k-29.4k IOPS against 32.1k-36.3k with 16,
+    /// four interleaved runs; 32 or 64 threads: no more).
     pub threads: usize,
     /// Largest read or write request in bytes (`max_write`; `max_pages` follows). Default
     /// 1 MiB, the loop driver's practical request size.
@@ -70,7 +75,7 @@ pub struct FuseOptions {
 impl Default for FuseOptions {
     fn default() -> Self {
         Self {
-            threads: 8,
+            threads: usize::from(DEFAULT_THREADS),
             max_write: 1 << 20,
             allow_other: false,
             fs_name: "hpmapper".to_string(),

@@ -294,6 +294,7 @@ fn usage_errors_exit_2() {
         &["pool", "create", "--cow-granularity", "byte"],
         &["check", "--log-level", "loud"],
         &["daemon", "--data-io", "sideways"],
+        &["daemon", "--fuse-threads", "0"],
     ] {
         let out = env.run(args);
         assert_eq!(out.status.code(), Some(2), "{}", show(args, &out));

@@ -44,7 +44,11 @@ pub async fn start_servers(
     // No create_dir_all here: after a daemon was killed, `mnt` is a dead FUSE mount
     // (ENOTCONN) and create_dir_all fails with EEXIST. `FuseExport::mount` first detaches
     // such a stale mount, then creates the directory.
-    let fuse = hpm_fuse::FuseExport::mount(&mnt, &hpm_fuse::FuseOptions::default())
+    let opts = hpm_fuse::FuseOptions {
+        threads: d.fuse_threads,
+        ..hpm_fuse::FuseOptions::default()
+    };
+    let fuse = hpm_fuse::FuseExport::mount(&mnt, &opts)
         .with_context(|| format!("mounting the FUSE device files at {}", mnt.display()))?;
     d.endpoints
         .lock()

@@ -35,6 +35,11 @@ pub struct DaemonArgs {
     /// benchmarks only) or `off`.
     #[arg(long, value_enum, default_value_t = crate::cli::CacheModeArg::Shared)]
     cache_mode: crate::cli::CacheModeArg,
+    /// FUSE worker threads serving the device files. Each handles one request at a time,
+    /// so this bounds the device requests in flight (a read waits for the disk in its thread).
+    #[arg(long, value_name = "N", default_value_t = hpm_fuse::DEFAULT_THREADS,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    fuse_threads: u16,
     /// How the daemon reads and writes the pool's data store: `buffered` (through the host
     /// page cache) or `direct` (O_DIRECT, as dm-thin writes its data device: nothing cached
     /// twice, the block cache is the only cache of pool data).
@@ -90,6 +95,7 @@ pub struct Daemon {
     attachments: Mutex<BTreeMap<String, Attachment>>,
     endpoints: Mutex<Vec<(String, String)>>,
     fuse: Mutex<Option<hpm_fuse::FuseExport>>,
+    fuse_threads: usize,
     nbd: Mutex<Option<Arc<hpm_nbd::NbdServer>>>,
     docker: Mutex<Option<Arc<docker::DockerDriver>>>,
     containerd: Mutex<Option<Arc<hpm_containerd::block::BlockSnapshotter>>>,
@@ -183,6 +189,7 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
         attachments: Mutex::new(BTreeMap::new()),
         endpoints: Mutex::new(Vec::new()),
         fuse: Mutex::new(None),
+        fuse_threads: usize::from(args.fuse_threads),
         nbd: Mutex::new(None),
         docker: Mutex::new(None),
         containerd: Mutex::new(None),
