@@ -82,6 +82,8 @@ pub(crate) struct Live {
 }
 
 pub(crate) struct Inner {
+    /// The geometry at open: `capacity_blocks` is not updated by `Pool::grow` (the current
+    /// capacity is `live.st.space`'s), `chunk_blocks` never changes.
     pub geo: Geometry,
     pub cow: CowGranularity,
     pub data: Dev,
@@ -579,6 +581,77 @@ impl Pool {
     /// Copy-on-write granularity.
     pub fn cow_granularity(&self) -> CowGranularity {
         self.inner.cow
+    }
+
+    /// Grows the pool's data capacity to `capacity` bytes (rounded down to whole chunks);
+    /// returns the new capacity. Shrinking is not supported; asking for the current
+    /// capacity changes nothing. A data file is extended (sparse) first; a data block device
+    /// must already be that big. Durable on return: the data store's new length is synced
+    /// before a checkpoint whose superblock names the new capacity, and no block of the new
+    /// space is handed out before that checkpoint is durable (docs/design.md section 7).
+    pub fn grow(&self, capacity: u64) -> Result<u64> {
+        let inner = &*self.inner;
+        inner.check_writable()?;
+        let cb = u64::from(inner.geo.chunk_blocks);
+        let chunk = cb * BLOCK_SIZE;
+        let blocks = capacity / chunk * cb;
+        let mut store = inner.store.lock();
+        let current = inner.live.read().st.space.capacity_blocks();
+        if blocks < current {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "shrinking a pool is not supported: {capacity} bytes is below its capacity of {} bytes",
+                    current * BLOCK_SIZE
+                ),
+            ));
+        }
+        if blocks == current {
+            return Ok(current * BLOCK_SIZE);
+        }
+        if blocks / cb > u64::from(u32::MAX) {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("capacity {capacity} needs more than 2^32 chunks"),
+            ));
+        }
+        let need = blocks * BLOCK_SIZE;
+        let have = inner
+            .data
+            .len()
+            .map_err(|e| Error::io("reading the data store's size", e))?;
+        if have < need {
+            if !inner.data.resizable() {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!("the data block device holds {have} bytes, fewer than {need}: grow the device first (a pool on a block device can use at most all of it)"),
+                ));
+            }
+            inner.data.set_len(need).map_err(|e| {
+                Error::io(
+                    format!("extending the data store from {have} to {need} bytes"),
+                    e,
+                )
+            })?;
+        }
+        // IMPORTANT: the new length is durable before a superblock names the new capacity
+        // (open refuses a data store shorter than the capacity).
+        inner
+            .data
+            .sync()
+            .map_err(|e| Error::io("syncing the data store", e))?;
+        store.sb.capacity_blocks = blocks;
+        if let Err(e) = inner.checkpoint(&mut store, true) {
+            // Not known to be durable: the new space stays unused in this process.
+            store.sb.capacity_blocks = current;
+            return Err(e);
+        }
+        // Only now may blocks of the new space be handed out.
+        let mut live = inner.live.write();
+        live.st.space.grow(blocks);
+        live.st.geo.capacity_blocks = blocks;
+        tracing::info!(from = current * BLOCK_SIZE, to = need, "pool grown");
+        Ok(need)
     }
 
     /// Data capacity and data in use, in bytes: the first two figures of

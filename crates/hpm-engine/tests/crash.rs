@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use hpm_engine::{Pool, PoolOptions, PoolStorage};
+use hpm_io::Backend as _;
 use hpm_testkit::crash::{CrashFile, CrashSim, TornPolicy};
 use hpm_testkit::model::Model;
 use hpm_testkit::workload::pattern;
@@ -367,4 +368,183 @@ fn flush_commits_only_when_something_changed_and_keeps_every_kind_of_change() {
     sim.crash_with(TornPolicy::DropAll);
     let pool = Pool::open_on(storage(&f), None).unwrap();
     assert!(read_all(&pool, "d") == image, "a flushed change was lost");
+}
+
+/// The steps of the growing workload: fill a 1 MiB pool, flush, grow it to 2 MiB, write
+/// into the new space, flush. Stops at the first failure (a crash); returns whether `grow`
+/// returned.
+fn grow_workload(pool: &Pool, model: &mut Model) -> bool {
+    const MIB: u64 = 1 << 20;
+    let mut grown = false;
+    let mut steps = || -> hpm_engine::Result<()> {
+        // The model first: a failed step may have happened anyway (settled after reopen).
+        model.create("a", 2 * MIB).unwrap();
+        pool.create_device("a", 2 * MIB)?;
+        let d = pool.open_device("a")?;
+        let first = pattern(31, MIB as usize);
+        model.write("a", 0, &first).unwrap();
+        d.write_at(&first, 0)?;
+        d.flush()?;
+        model.flush();
+        pool.grow(2 * MIB)?;
+        grown = true;
+        let second = pattern(32, MIB as usize);
+        model.write("a", MIB, &second).unwrap();
+        d.write_at(&second, MIB)?;
+        d.flush()?;
+        model.flush();
+        Ok(())
+    };
+    let _ = steps();
+    grown
+}
+
+/// Growing a pool survives a crash at every sync point: after reopen the capacity is the
+/// old or the new one (the new one once `grow` returned), every flushed write reads back,
+/// nothing foreign appears, `check` is clean, and the new space takes writes.
+#[test]
+fn grow_survives_a_crash_at_every_sync_point() {
+    const MIB: u64 = 1 << 20;
+    let new_pool = |sim: &Arc<CrashSim>| {
+        let f = files(sim);
+        let pool = Pool::create_on(storage(&f), &small_opts(), MIB, String::new(), None).unwrap();
+        (pool, f)
+    };
+    // A dry run counts the syncs and checks the workload itself.
+    let sim = CrashSim::new(77);
+    let (pool, _f) = new_pool(&sim);
+    sim.crash_after_syncs(None);
+    let base = sim.syncs();
+    assert!(grow_workload(&pool, &mut Model::new()));
+    let total = sim.syncs() - base;
+    assert!(total >= 4, "{total} syncs");
+    drop(pool);
+    for n in 0..=total {
+        let sim = CrashSim::new(77 ^ (n << 20));
+        let (pool, f) = new_pool(&sim);
+        sim.crash_after_syncs(Some(n));
+        let mut model = Model::new();
+        let grown = grow_workload(&pool, &mut model);
+        sim.crash_after_syncs(Some(0));
+        drop(pool);
+        sim.crash_with(TornPolicy::Random);
+        let pool = Pool::open_on(storage(&f), None)
+            .unwrap_or_else(|e| panic!("crash after sync {n}: reopen failed: {e}"));
+        let capacity = pool.space().0;
+        assert!(
+            capacity == MIB || capacity == 2 * MIB,
+            "sync {n}: capacity {capacity}"
+        );
+        if grown {
+            assert_eq!(capacity, 2 * MIB, "sync {n}: grow returned, capacity lost");
+        }
+        if pool.list_devices().is_empty() {
+            // The crash came before the device was made durable.
+            let _ = model.remove("a");
+        }
+        verify_crash(&pool, &mut model, &format!("grow, sync {n}"));
+        if capacity == 2 * MIB && !model.names().is_empty() {
+            // The new space takes writes now.
+            let d = pool.open_device("a").unwrap();
+            d.write_at(&pattern(33, MIB as usize), MIB).unwrap();
+            d.flush().unwrap();
+        }
+        pool.close().unwrap();
+        let report = hpm_engine::check_storage(storage(&f)).unwrap();
+        assert!(report.is_clean(), "sync {n}: {:?}", report.problems);
+    }
+}
+
+/// A full pool refuses writes with NoSpace until it grows; a smaller capacity is refused,
+/// the same one changes nothing, and the new capacity survives a reopen.
+#[test]
+fn a_full_pool_takes_writes_again_after_growing() {
+    const MIB: u64 = 1 << 20;
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), MIB);
+    pool.create_device("a", 4 * MIB).unwrap();
+    let d = pool.open_device("a").unwrap();
+    d.write_at(&pattern(41, MIB as usize), 0).unwrap();
+    let e = d.write_at(&pattern(42, 4096), MIB).unwrap_err();
+    assert_eq!(e.kind(), hpm_engine::ErrorKind::NoSpace, "{e}");
+
+    let e = pool.grow(MIB / 2).unwrap_err();
+    assert_eq!(e.kind(), hpm_engine::ErrorKind::Unsupported, "{e}");
+    assert!(
+        e.to_string().contains("shrinking a pool is not supported"),
+        "{e}"
+    );
+    assert_eq!(pool.grow(MIB).unwrap(), MIB);
+    // Rounded down to whole chunks (64 KiB here).
+    assert_eq!(pool.grow(3 * MIB + 1000).unwrap(), 3 * MIB);
+    assert_eq!(pool.space(), (3 * MIB, MIB));
+    assert!(disks.data.len().unwrap() >= 3 * MIB);
+    d.write_at(&pattern(43, 2 * MIB as usize), MIB).unwrap();
+    assert_eq!(pool.space(), (3 * MIB, 3 * MIB));
+    drop(d);
+    pool.close().unwrap();
+
+    let pool = disks.open().unwrap();
+    assert_eq!(pool.space(), (3 * MIB, 3 * MIB));
+    let all = read_all(&pool, "a");
+    assert_eq!(&all[..MIB as usize], &pattern(41, MIB as usize)[..]);
+    assert_eq!(
+        &all[MIB as usize..3 * MIB as usize],
+        &pattern(43, 2 * MIB as usize)[..]
+    );
+    pool.close().unwrap();
+    let report = hpm_engine::check_storage(disks.storage()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
+
+/// A data store of a fixed size, as a block device.
+struct FixedSize(hpm_io::MemBackend);
+
+impl hpm_io::Backend for FixedSize {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn punch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.punch(offset, len)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("a block device cannot be resized"))
+    }
+    fn resizable(&self) -> bool {
+        false
+    }
+}
+
+/// On a data block device a pool grows up to the device's size; asking for more is refused
+/// with the reason and leaves the pool working.
+#[test]
+fn a_pool_on_a_block_device_grows_only_as_far_as_the_device() {
+    const MIB: u64 = 1 << 20;
+    let data = hpm_io::MemBackend::new();
+    data.set_len(4 * MIB).unwrap();
+    let disks = Disks {
+        data: Arc::new(FixedSize(data)),
+        ..Disks::mem()
+    };
+    let pool = disks.create(&small_opts(), MIB);
+    assert_eq!(pool.grow(4 * MIB).unwrap(), 4 * MIB);
+    let e = pool.grow(8 * MIB).unwrap_err();
+    assert_eq!(e.kind(), hpm_engine::ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("grow the device first"), "{e}");
+    pool.create_device("a", MIB).unwrap();
+    pool.open_device("a")
+        .unwrap()
+        .write_at(&pattern(5, 4096), 0)
+        .unwrap();
+    pool.flush().unwrap();
+    assert_eq!(pool.space(), (4 * MIB, 4096));
 }

@@ -90,6 +90,9 @@ impl<B: Backend> Backend for Checked<B> {
         self.check()?;
         self.guard("resize", self.inner.set_len(len))
     }
+    fn resizable(&self) -> bool {
+        self.inner.resizable()
+    }
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         self.inner.allocated_bytes()
     }

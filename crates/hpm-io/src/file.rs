@@ -278,6 +278,10 @@ impl Backend for FileBackend {
         self.file.set_len(len)
     }
 
+    fn resizable(&self) -> bool {
+        !self.block_device
+    }
+
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         if self.block_device {
             return Ok(None);

@@ -37,6 +37,11 @@ pub trait Backend: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Sets the length (truncates or extends with zeros). Durable after `sync`.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Whether `set_len` can change the length at all (a block device cannot): asked before
+    /// a resize that would otherwise fail, and poison a checked store, for nothing.
+    fn resizable(&self) -> bool {
+        true
+    }
     /// Whether the store is empty.
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
@@ -72,6 +77,9 @@ impl<T: Backend + ?Sized> Backend for std::sync::Arc<T> {
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
     }
+    fn resizable(&self) -> bool {
+        (**self).resizable()
+    }
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         (**self).allocated_bytes()
     }
@@ -98,6 +106,9 @@ impl<T: Backend + ?Sized> Backend for Box<T> {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+    fn resizable(&self) -> bool {
+        (**self).resizable()
     }
     fn allocated_bytes(&self) -> io::Result<Option<u64>> {
         (**self).allocated_bytes()

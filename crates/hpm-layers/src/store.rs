@@ -268,7 +268,7 @@ impl LayerStore {
         Err(Error::new(
             ErrorKind::NoSpace,
             format!(
-                "creating layer {id:?}: the pool has {} free of {}, less than its minimum free space of {}% ({}) kept for the containers already running; remove unused containers and images, or lower the minimum free space setting",
+                "creating layer {id:?}: the pool has {} free of {}, less than its minimum free space of {}% ({}) kept for the containers already running; remove unused containers and images, grow the pool (`hpmapper pool grow`), or lower the minimum free space setting",
                 info::human_size(free),
                 info::human_size(capacity),
                 self.min_free_space,

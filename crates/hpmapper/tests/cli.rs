@@ -538,6 +538,18 @@ fn pool_info_in_json_and_text() {
         columns.windows(2).all(|w| w[0] == w[1]),
         "values not aligned:\n{text}"
     );
+
+    // Growing: rounded down to whole chunks, kept across opens; never shrinking.
+    let out = String::from_utf8(env.ok(&["pool", "grow", "--capacity", "100M"])).unwrap();
+    assert_eq!(out.trim(), "capacity: 100 MiB");
+    // 130.5 MiB with 1 MiB chunks.
+    let out = String::from_utf8(env.ok(&["pool", "grow", "--capacity", "136839168"])).unwrap();
+    assert_eq!(out.trim(), "capacity: 130 MiB");
+    let info = env.json(&["pool", "info", "--json"]);
+    assert_eq!(info["capacity_bytes"], 130 << 20);
+    let e = env.fails(&["pool", "grow", "--capacity", "32M"]);
+    assert!(e.contains("shrinking a pool is not supported"), "{e}");
+    env.ok(&["check"]);
 }
 
 #[test]

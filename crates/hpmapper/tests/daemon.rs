@@ -116,6 +116,12 @@ fn every_cli_command_runs_through_the_daemon() {
     let info = env.json(&["pool", "info", "--json"]);
     assert_eq!(info["devices"], 2, "{info}");
     assert_eq!(info["capacity_bytes"], 2u64 << 30, "{info}");
+    assert_eq!(
+        env.ok_text(&["pool", "grow", "--capacity", "3G"]).trim(),
+        "capacity: 3 GiB"
+    );
+    let info = env.json(&["pool", "info", "--json"]);
+    assert_eq!(info["capacity_bytes"], 3u64 << 30, "{info}");
     let check = env.ok_text(&["check"]);
     assert!(check.contains("consistent: 2 devices"), "{check}");
 

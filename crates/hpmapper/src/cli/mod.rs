@@ -149,6 +149,7 @@ pub fn execute(
 ) -> Result<()> {
     match command {
         Command::Pool(pool::PoolCommand::Info(args)) => pool::info(pool, &args, out),
+        Command::Pool(pool::PoolCommand::Grow(args)) => pool::grow(pool, &args, out),
         Command::Pool(pool::PoolCommand::Create(_)) => {
             bail!("the daemon already holds a pool here")
         }

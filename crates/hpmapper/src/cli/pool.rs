@@ -15,6 +15,16 @@ pub enum PoolCommand {
     Create(CreateArgs),
     /// Show the pool's size, use and memory figures.
     Info(InfoArgs),
+    /// Grow the pool's data capacity (a data file is extended, sparse; a data block device
+    /// must already be big enough). Shrinking is not supported.
+    Grow(GrowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GrowArgs {
+    /// The new capacity (rounded down to whole chunks); not below the current one.
+    #[arg(long, value_name = "SIZE")]
+    capacity: String,
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +125,13 @@ impl From<&PoolInfo> for InfoJson {
             data_io: i.data_io.to_string(),
         }
     }
+}
+
+/// Grows the pool to `--capacity`; prints the new capacity.
+pub fn grow(pool: &Pool, args: &GrowArgs, out: &mut dyn Write) -> Result<()> {
+    let capacity = parse_size("--capacity", &args.capacity)?;
+    let now = pool.grow(capacity).context("growing the pool")?;
+    writeln!(out, "capacity: {}", human(now)).context("writing output")
 }
 
 /// Prints the pool's figures.
