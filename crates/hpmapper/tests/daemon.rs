@@ -713,3 +713,90 @@ fn metrics_serve_prometheus_text_on_loopback() {
     let resp = http_get(port, "/other");
     assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
 }
+
+/// A full pool under ext4: the writes that find no space fail (the writer sees an error,
+/// the daemon logs why), the daemon and the other devices carry on, nothing flushed before
+/// is lost, `check` stays clean; after `pool grow` (while the daemon runs) the space is
+/// there for new writes.
+#[test]
+fn a_full_pool_fails_writes_clearly_and_takes_them_again_after_growing() {
+    if !requirements(
+        "full pool under ext4",
+        true,
+        &["mkfs.ext4", "e2fsck", "mount", "umount"],
+    ) {
+        return;
+    }
+    let mut env = Env::new_in(&std::env::temp_dir(), "192M");
+    env.start_daemon();
+    for name in ["filler", "bystander"] {
+        env.ok(&["device", "create", name, "--size", "512M"]);
+        env.ok(&["device", "mkfs", name]);
+    }
+    let (lo_f, lo_b) = (env.attach("filler"), env.attach("bystander"));
+    let (mnt_f, mnt_b) = (env.path("mnt-filler"), env.path("mnt-bystander"));
+    mount(&lo_f, &mnt_f);
+    // The bystander writes nothing while the pool is full (no atime updates, its dirty
+    // metadata written home first): its ext4 must stay clean for the fsck at the end.
+    fs::create_dir_all(&mnt_b).unwrap();
+    let st = Command::new("mount")
+        .args(["-o", "noatime"])
+        .arg(&lo_b)
+        .arg(&mnt_b)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount -o noatime: {st}");
+    let kept = pattern(MIB, 11);
+    fs::write(mnt_b.join("kept"), &kept).unwrap();
+    assert!(Command::new("sync").status().unwrap().success());
+
+    // Write until the pool is full: 256 MiB into a 192 MiB pool fails, at the latest at
+    // the fsync.
+    let chunk = pattern(4 * MIB, 12);
+    let failed = (|| -> std::io::Result<()> {
+        let mut f = fs::File::create(mnt_f.join("big"))?;
+        for _ in 0..64 {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()
+    })();
+    let e = failed.expect_err("256 MiB fit in a 192 MiB pool");
+    // ENOSPC (28) or EIO (5), as ext4 reports a failed write-back.
+    assert!(matches!(e.raw_os_error(), Some(28) | Some(5)), "{e}");
+    let log = env.log();
+    assert!(
+        log.contains("the pool is full: no free block for device \"filler\""),
+        "{log}"
+    );
+    // (Nearly) every block in use: a few may have been freed since the last refusal.
+    let info = env.json(&["pool", "info", "--json"]);
+    let (used, capacity) = (info["used_bytes"].as_u64(), info["capacity_bytes"].as_u64());
+    assert!(used.unwrap() > capacity.unwrap() / 100 * 99, "{info}");
+
+    // The rest carries on: the bystander reads what it flushed (a write of its own needing
+    // a new block would fail too), and the pool's metadata is consistent.
+    assert_eq!(fs::read(mnt_b.join("kept")).unwrap(), kept);
+    let check = env.ok_text(&["check"]);
+    assert!(check.contains("consistent"), "{check}");
+
+    // More space, while everything stays mounted: new writes land.
+    env.ok(&["pool", "grow", "--capacity", "512M"]);
+    let more = pattern(32 * MIB, 14);
+    fs::write(mnt_b.join("more"), &more).unwrap();
+    fs::File::open(mnt_b.join("more"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    umount(&mnt_b);
+    fsck_clean(&lo_b);
+    mount(&lo_b, &mnt_b);
+    assert_eq!(fs::read(mnt_b.join("more")).unwrap(), more);
+    assert_eq!(fs::read(mnt_b.join("kept")).unwrap(), kept);
+    umount(&mnt_b);
+    // The filler's filesystem saw write errors (as on a full dm-thin pool); it unmounts.
+    umount(&mnt_f);
+    env.ok(&["device", "detach", "filler"]);
+    env.ok(&["device", "detach", "bystander"]);
+    let check = env.ok_text(&["check"]);
+    assert!(check.contains("consistent: 2 devices"), "{check}");
+}
