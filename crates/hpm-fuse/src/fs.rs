@@ -26,8 +26,9 @@ use fuser::{
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Attributes and entries are not cached by the kernel: sizes can change (engine resize) and
 /// names can be removed and added again; lookups are rare next to data requests.
@@ -66,14 +67,59 @@ fn aligned_prefix(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
     &mut buf[start..start + len]
 }
 
+/// Logs failed requests at most once per interval; the ones in between are counted and
+/// reported with the next warning (a full pool fails every write of a busy container, and
+/// the log should say so, not repeat it thousands of times a second). Every failure is
+/// still counted in the `errors` counter.
+struct WarnLimit {
+    start: Instant,
+    every_ms: u64,
+    /// Milliseconds since `start` before which nothing more is logged.
+    next_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl WarnLimit {
+    fn new(every: Duration) -> Self {
+        Self {
+            start: Instant::now(),
+            every_ms: every.as_millis() as u64,
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether to log this failure: if so, with how many were left unlogged since the last
+    /// warning.
+    fn admit(&self) -> Option<u64> {
+        let now = self.start.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + self.every_ms, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Relaxed));
+        }
+        self.suppressed.fetch_add(1, Relaxed);
+        None
+    }
+}
+
 pub(crate) struct DeviceFs {
     shared: Arc<Shared>,
     max_write: u32,
+    warn: WarnLimit,
 }
 
 impl DeviceFs {
     pub fn new(shared: Arc<Shared>, max_write: u32) -> Self {
-        Self { shared, max_write }
+        Self {
+            shared,
+            max_write,
+            warn: WarnLimit::new(Duration::from_secs(1)),
+        }
     }
 
     fn count(&self, c: &AtomicU64, n: u64) {
@@ -87,12 +133,18 @@ impl DeviceFs {
     /// Counts and logs a failed device call; returns its errno.
     fn failed(&self, op: &str, e: &Entry, off: u64, err: &hpm_engine::Error) -> Errno {
         self.count(&self.shared.counters.errors, 1);
-        tracing::warn!(
-            device = e.device.name(),
-            op,
-            offset = off,
-            "FUSE request failed: {err}"
-        );
+        if let Some(suppressed) = self.warn.admit() {
+            tracing::warn!(
+                device = e.device.name(),
+                op,
+                offset = off,
+                "FUSE request failed: {err}{}",
+                match suppressed {
+                    0 => String::new(),
+                    n => format!(" ({n} more failed requests not logged since the last warning)"),
+                }
+            );
+        }
         errno(err)
     }
 
@@ -539,6 +591,19 @@ impl Filesystem for DeviceFs {
 mod tests {
     use super::*;
     use hpm_engine::{Error, ErrorKind};
+
+    #[test]
+    fn failure_warnings_are_limited_and_count_what_they_skip() {
+        let w = WarnLimit::new(Duration::from_secs(3600));
+        assert_eq!(w.admit(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(w.admit(), None);
+        }
+        // The interval passes.
+        w.next_ms.store(0, Relaxed);
+        assert_eq!(w.admit(), Some(5));
+        assert_eq!(w.admit(), None);
+    }
 
     #[test]
     fn every_engine_error_kind_has_its_errno() {
