@@ -764,8 +764,19 @@ fn a_nearly_full_pool_refuses_new_containers_and_running_ones_keep_writing() {
     ]);
     assert_eq!(written.trim(), "8388608");
 
-    // Space freed: containers start again.
+    // A bigger pool (grown while dockerd and the container run): containers start again.
+    h.env
+        .ok(&["pool", "grow", "--capacity", &(4 * capacity).to_string()]);
+    assert_eq!(d.ok(&["run", "--rm", "bb:base", "echo", "grown"]), "grown");
+    let status = d.ok(&["info", "--format", "{{json .DriverStatus}}"]);
+    assert!(
+        status.contains(r#"["Data Space Total","85.9GB"]"#),
+        "{status}"
+    );
+
+    // Or space freed: the filler goes, and the pool's use drops back under the minimum.
     h.env.ok(&["device", "remove", "filler"]);
+    assert!(h.used_bytes() < capacity / 100, "{} in use", h.used_bytes());
     assert_eq!(d.ok(&["run", "--rm", "bb:base", "echo", "ok"]), "ok");
     d.ok(&["rm", "-f", "running"]);
 }
