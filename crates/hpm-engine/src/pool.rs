@@ -209,6 +209,19 @@ fn data_path(dir: &Path, sb: &Superblock) -> PathBuf {
     }
 }
 
+/// The capacity in blocks for `capacity` bytes: whole chunks of `chunk_blocks` blocks, at
+/// most 2^32 of them (chunk numbers are 32-bit).
+fn capacity_blocks_of(capacity: u64, chunk_blocks: u64) -> Result<u64> {
+    let blocks = capacity / (chunk_blocks * BLOCK_SIZE) * chunk_blocks;
+    if blocks / chunk_blocks > u64::from(u32::MAX) {
+        return Err(Error::new(
+            ErrorKind::Invalid,
+            format!("capacity {capacity} needs more than 2^32 chunks"),
+        ));
+    }
+    Ok(blocks)
+}
+
 /// Opens the files of an existing pool directory; the data store with `data_io` unless
 /// read-only (inspections read through the page cache).
 pub(crate) fn open_files(dir: &Path, read_only: bool, data_io: IoMode) -> Result<PoolStorage> {
@@ -328,17 +341,11 @@ impl Pool {
     ) -> Result<Pool> {
         let cs = opts.chunk_size;
         let chunk_blocks = chunk_blocks_of(cs)?;
-        let capacity_blocks = capacity / cs * chunk_blocks;
+        let capacity_blocks = capacity_blocks_of(capacity, chunk_blocks)?;
         if capacity_blocks == 0 {
             return Err(Error::new(
                 ErrorKind::Invalid,
                 format!("capacity {capacity} is smaller than one chunk ({cs})"),
-            ));
-        }
-        if capacity_blocks / chunk_blocks > u64::from(u32::MAX) {
-            return Err(Error::new(
-                ErrorKind::Invalid,
-                format!("capacity {capacity} needs more than 2^32 chunks"),
             ));
         }
         if data_path.len() > 2048 {
@@ -592,9 +599,7 @@ impl Pool {
     pub fn grow(&self, capacity: u64) -> Result<u64> {
         let inner = &*self.inner;
         inner.check_writable()?;
-        let cb = u64::from(inner.geo.chunk_blocks);
-        let chunk = cb * BLOCK_SIZE;
-        let blocks = capacity / chunk * cb;
+        let blocks = capacity_blocks_of(capacity, u64::from(inner.geo.chunk_blocks))?;
         let mut store = inner.store.lock();
         let current = inner.live.read().st.space.capacity_blocks();
         if blocks < current {
@@ -608,12 +613,6 @@ impl Pool {
         }
         if blocks == current {
             return Ok(current * BLOCK_SIZE);
-        }
-        if blocks / cb > u64::from(u32::MAX) {
-            return Err(Error::new(
-                ErrorKind::Invalid,
-                format!("capacity {capacity} needs more than 2^32 chunks"),
-            ));
         }
         let need = blocks * BLOCK_SIZE;
         let have = inner

@@ -72,11 +72,13 @@ impl Space {
     /// Adds free chunks up to `capacity_blocks` (a whole number of chunks, not below the
     /// current capacity).
     pub(crate) fn grow(&mut self, capacity_blocks: u64) {
-        let n = (capacity_blocks / u64::from(self.chunk_blocks)) as usize;
-        debug_assert!(n >= self.chunks.len());
-        let old = self.chunks.len();
-        self.chunks.resize_with(n.max(old), PChunk::default);
-        self.free_chunks.extend(old as u32..n.max(old) as u32);
+        let (old, n) = (
+            self.chunks.len(),
+            (capacity_blocks / u64::from(self.chunk_blocks)) as usize,
+        );
+        assert!(n >= old, "a pool's space never shrinks");
+        self.chunks.resize_with(n, PChunk::default);
+        self.free_chunks.extend(old as u32..n as u32);
     }
 
     /// Blocks referenced by at least one map (or by an in-flight write).

@@ -49,22 +49,9 @@ pub(crate) fn errno(e: &hpm_engine::Error) -> Errno {
 thread_local! {
     /// A worker's read buffer, grown to the largest read it served. `Device::read_at` fills
     /// every byte it is given, so it is never cleared. Reads use it from its first 4096-byte
-    /// boundary (see `aligned_prefix`).
+    /// boundary ([`hpm_io::aligned_prefix`]): a data store opened with direct I/O reads into
+    /// it directly, not through a bounce buffer and a copy.
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Memory alignment of read buffers: a data store opened with direct I/O reads into an
-/// aligned buffer directly, any other through a bounce buffer and a copy.
-const BUF_ALIGN: usize = 4096;
-
-/// The first `len` bytes of `buf` from its first `BUF_ALIGN` boundary, growing `buf` (by
-/// `BUF_ALIGN` more than asked, so the boundary always fits) as needed.
-fn aligned_prefix(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    if buf.len() < len + BUF_ALIGN {
-        buf.resize(len + BUF_ALIGN, 0);
-    }
-    let start = buf.as_ptr().align_offset(BUF_ALIGN);
-    &mut buf[start..start + len]
 }
 
 /// Logs failed requests at most once per interval; the ones in between are counted and
@@ -360,7 +347,7 @@ impl Filesystem for DeviceFs {
             return reply.data(&[]);
         }
         READ_BUF.with_borrow_mut(|buf| {
-            let buf = aligned_prefix(buf, len);
+            let buf = hpm_io::aligned_prefix(buf, len);
             match e.device.read_at(buf, offset) {
                 Ok(()) => {
                     self.count(&c.read_bytes, len as u64);

@@ -13,7 +13,19 @@ const LARGE_READ: usize = 64 << 10;
 
 /// Alignment of offsets, lengths and memory for direct I/O: the largest logical block size
 /// a disk has (4 KiB), so any disk or filesystem below takes it.
-const DIRECT_ALIGN: usize = 4096;
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// The first `len` bytes of `buf` from its first `DIRECT_ALIGN` boundary, growing `buf` (by
+/// `DIRECT_ALIGN` more than asked, so the boundary always fits; new bytes are zero) as
+/// needed: a reusable buffer that a direct-I/O backend reads into and writes from without a
+/// bounce copy.
+pub fn aligned_prefix(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len + DIRECT_ALIGN {
+        buf.resize(len + DIRECT_ALIGN, 0);
+    }
+    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    &mut buf[start..start + len]
+}
 
 /// How a [`FileBackend`] moves its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,14 +80,7 @@ thread_local! {
 
 /// Runs `f` on a `DIRECT_ALIGN`-aligned, zeroed-at-growth scratch buffer of `len` bytes.
 fn with_bounce<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
-    BOUNCE.with(|b| {
-        let mut b = b.borrow_mut();
-        if b.len() < len + DIRECT_ALIGN {
-            b.resize(len + DIRECT_ALIGN, 0);
-        }
-        let start = b.as_ptr().align_offset(DIRECT_ALIGN);
-        f(&mut b[start..start + len])
-    })
+    BOUNCE.with_borrow_mut(|b| f(aligned_prefix(b, len)))
 }
 
 fn aligned(ptr: *const u8, len: usize, offset: u64) -> bool {

@@ -14,7 +14,7 @@ mod memory;
 pub mod socket;
 
 pub use checked::Checked;
-pub use file::{FileBackend, IoMode};
+pub use file::{aligned_prefix, FileBackend, IoMode, DIRECT_ALIGN};
 pub use io_flusher::{is_io_flusher, set_io_flusher};
 pub use memory::MemBackend;
 
