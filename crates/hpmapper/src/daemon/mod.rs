@@ -253,7 +253,6 @@ async fn serve(
         "control".into(),
         d.run_dir.join(crate::control::SOCKET).display().to_string(),
     ));
-    tasks.spawn(control_server::serve(d.clone(), control, stop.clone()));
     if let Some(addr) = metrics {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -307,6 +306,9 @@ async fn serve(
             served
         });
     }
+    // Served only now: a client that sees the daemon answer (`hpmapper status`) can attach
+    // devices at once. Until then its requests wait in the socket's backlog.
+    tasks.spawn(control_server::serve(d.clone(), control, stop.clone()));
     tracing::info!(pool = %d.pool_dir.display(), run_dir = %d.run_dir.display(), "hpmapper daemon ready");
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
