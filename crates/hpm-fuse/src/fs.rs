@@ -36,6 +36,10 @@ const TTL: Duration = Duration::ZERO;
 const BLOCK: u64 = 4096;
 /// Most background requests (loop's asynchronous direct I/O) the kernel keeps in flight.
 const MAX_BACKGROUND: u16 = 64;
+/// Every device file is opened for direct I/O (never cached by the kernel), with parallel
+/// direct writes.
+pub(crate) const OPEN_FLAGS: FopenFlags =
+    FopenFlags::FOPEN_DIRECT_IO.union(FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
 
 const FALLOC_FL_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 const FALLOC_FL_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
@@ -94,18 +98,24 @@ impl WarnLimit {
     }
 }
 
+/// The request handlers; clones share everything (the fuser session owns one, each io_uring
+/// worker another).
+#[derive(Clone)]
 pub(crate) struct DeviceFs {
     shared: Arc<Shared>,
     max_write: u32,
-    warn: WarnLimit,
+    /// Ask for FUSE over io_uring at INIT.
+    io_uring: bool,
+    warn: Arc<WarnLimit>,
 }
 
 impl DeviceFs {
-    pub fn new(shared: Arc<Shared>, max_write: u32) -> Self {
+    pub fn new(shared: Arc<Shared>, max_write: u32, io_uring: bool) -> Self {
         Self {
             shared,
             max_write,
-            warn: WarnLimit::new(Duration::from_secs(1)),
+            io_uring,
+            warn: Arc::new(WarnLimit::new(Duration::from_secs(1))),
         }
     }
 
@@ -115,6 +125,11 @@ impl DeviceFs {
 
     fn request(&self) {
         self.count(&self.shared.counters.requests, 1);
+    }
+
+    /// Counts a request that came over io_uring (besides its count as a request).
+    pub(crate) fn ring_request(&self) {
+        self.count(&self.shared.counters.ring_requests, 1);
     }
 
     /// Counts and logs a failed device call; returns its errno.
@@ -232,6 +247,188 @@ impl DeviceFs {
                 .map_err(|err| self.failed("zero range", &e, off, &err))
         }
     }
+
+    // The operations below are the whole of each request's work, shared by the two
+    // transports (`/dev/fuse` through fuser, below, and io_uring in `ring`). Each counts
+    // the request.
+
+    pub(crate) fn lookup_attr(&self, parent: u64, name: &[u8]) -> Result<FileAttr, Errno> {
+        self.request();
+        if parent != ROOT_INO {
+            return Err(Errno::ENOENT);
+        }
+        let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
+        let e = self.shared.by_file(name).ok_or(Errno::ENOENT)?;
+        Ok(self.file_attr(&e))
+    }
+
+    pub(crate) fn getattr_of(&self, ino: u64) -> Result<FileAttr, Errno> {
+        self.request();
+        self.attr_of(INodeNo(ino)).ok_or(Errno::ENOENT)
+    }
+
+    /// Only changes are refused: a setattr that restates the attributes (or touches only
+    /// the times, which are not kept) succeeds.
+    pub(crate) fn setattr_of(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+    ) -> Result<FileAttr, Errno> {
+        self.request();
+        let attr = self.attr_of(INodeNo(ino)).ok_or(Errno::ENOENT)?;
+        let changes = mode.is_some_and(|m| m & 0o7777 != u32::from(attr.perm))
+            || uid.is_some_and(|u| u != attr.uid)
+            || gid.is_some_and(|g| g != attr.gid)
+            || size.is_some_and(|s| s != attr.size);
+        if changes {
+            return Err(self.refuse(Errno::EPERM));
+        }
+        Ok(attr)
+    }
+
+    /// Opens a device file: its handle, to be answered with [`OPEN_FLAGS`].
+    pub(crate) fn open_file(&self, ino: u64, write: bool) -> Result<u64, Errno> {
+        self.request();
+        if ino == ROOT_INO {
+            return Err(Errno::EISDIR);
+        }
+        match self.shared.open(ino, write) {
+            Ok(fh) => Ok(fh),
+            Err(OpenError::NotFound) => Err(Errno::ENOENT),
+            Err(OpenError::ReadOnly) => Err(self.refuse(Errno::EROFS)),
+        }
+    }
+
+    /// Starts a read of `size` bytes at `offset`: the device and how many bytes there are
+    /// to return (reads past the end return what is left). [`Self::read_fill`] reads them.
+    pub(crate) fn read_start(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<(Arc<Entry>, usize), Errno> {
+        self.request();
+        let e = self.handle(FileHandle(fh))?;
+        let len = u64::from(size).min(e.device.size().saturating_sub(offset)) as usize;
+        let c = &self.shared.counters;
+        self.count(&c.reads, 1);
+        c.request_size(u64::from(size));
+        Ok((e, len))
+    }
+
+    /// Fills `buf` (the length [`Self::read_start`] gave) from the device.
+    pub(crate) fn read_fill(&self, e: &Entry, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match e.device.read_at(buf, offset) {
+            Ok(()) => {
+                self.count(&self.shared.counters.read_bytes, buf.len() as u64);
+                Ok(())
+            }
+            Err(err) => Err(self.failed("read", e, offset, &err)),
+        }
+    }
+
+    /// Writes `data` at `offset`, cut at the device's end: the bytes written.
+    pub(crate) fn write_data(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        self.request();
+        let e = self.handle(FileHandle(fh))?;
+        let c = &self.shared.counters;
+        self.count(&c.writes, 1);
+        c.request_size(data.len() as u64);
+        let dev_size = e.device.size();
+        if offset >= dev_size && !data.is_empty() {
+            return Err(self.refuse(Errno::ENOSPC));
+        }
+        let len = (data.len() as u64).min(dev_size - offset.min(dev_size)) as usize;
+        match e.device.write_at(&data[..len], offset) {
+            Ok(()) => {
+                self.count(&c.write_bytes, len as u64);
+                Ok(len as u32)
+            }
+            Err(err) => Err(self.failed("write", &e, offset, &err)),
+        }
+    }
+
+    /// close(2) (FUSE flush) and fsyncdir: nothing to do (no durability promise; the
+    /// directory has no state of its own).
+    pub(crate) fn nothing(&self) {
+        self.request();
+    }
+
+    pub(crate) fn release_file(&self, fh: u64) {
+        self.request();
+        self.shared.release(fh);
+    }
+
+    /// fsync/fdatasync: flushes the device.
+    pub(crate) fn fsync_file(&self, fh: u64) -> Result<(), Errno> {
+        self.request();
+        let e = self.handle(FileHandle(fh))?;
+        self.count(&self.shared.counters.flushes, 1);
+        e.device
+            .flush()
+            .map_err(|err| self.failed("fsync", &e, 0, &err))
+    }
+
+    /// Lists the directory after `offset` (a cookie): `add(ino, cookie, kind, name)` for
+    /// each entry until it returns true (the reply is full).
+    pub(crate) fn read_dir(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, FileType, &str) -> bool,
+    ) -> Result<(), Errno> {
+        self.request();
+        if ino != ROOT_INO {
+            return Err(Errno::ENOTDIR);
+        }
+        let dots = [(1, ROOT_INO, "."), (2, ROOT_INO, "..")];
+        for (cookie, ino, name) in dots {
+            if cookie > offset && add(ino, cookie, FileType::Directory, name) {
+                return Ok(());
+            }
+        }
+        for (cookie, ino, name) in self.shared.entries_after(offset) {
+            if add(ino, cookie, FileType::RegularFile, &name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// statfs: (blocks of 4096 bytes, files).
+    pub(crate) fn statfs_totals(&self) -> (u64, u64) {
+        self.request();
+        let (bytes, files) = self.shared.totals();
+        (bytes / BLOCK, files)
+    }
+
+    pub(crate) fn access_of(&self, ino: u64) -> Result<(), Errno> {
+        self.request();
+        self.attr_of(INodeNo(ino)).map(|_| ()).ok_or(Errno::ENOENT)
+    }
+
+    /// The directory is fixed: creating, linking, renaming or removing names is refused.
+    pub(crate) fn refuse_name_change(&self) -> Errno {
+        self.request();
+        Errno::EPERM
+    }
+
+    pub(crate) fn fallocate_file(
+        &self,
+        fh: u64,
+        off: u64,
+        len: u64,
+        mode: i32,
+    ) -> Result<(), Errno> {
+        self.request();
+        self.fallocate_inner(FileHandle(fh), off, len, mode)
+    }
 }
 
 impl Filesystem for DeviceFs {
@@ -249,26 +446,27 @@ impl Filesystem for DeviceFs {
             tracing::info!("the kernel has no FUSE_ASYNC_DIO: direct I/O is serialized");
         }
         let _ = config.set_max_background(MAX_BACKGROUND);
+        if self.io_uring {
+            match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+                Ok(()) => self.shared.io_uring.store(true, Relaxed),
+                Err(_) => tracing::info!("the kernel offers no FUSE over io_uring"),
+            }
+        }
         // FUSE_WRITEBACK_CACHE is never requested: no double caching, fsync is a barrier.
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.request();
-        if parent.0 != ROOT_INO {
-            return reply.error(Errno::ENOENT);
-        }
-        match name.to_str().and_then(|n| self.shared.by_file(n)) {
-            Some(e) => reply.entry(&TTL, &self.file_attr(&e), Generation(0)),
-            None => reply.error(Errno::ENOENT),
+        match self.lookup_attr(parent.0, name.as_encoded_bytes()) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(errno) => reply.error(errno),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.request();
-        match self.attr_of(ino) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(Errno::ENOENT),
+        match self.getattr_of(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(errno) => reply.error(errno),
         }
     }
 
@@ -290,35 +488,17 @@ impl Filesystem for DeviceFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        self.request();
-        let Some(attr) = self.attr_of(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        // Only changes are refused: a setattr that restates the attributes (or touches only
-        // the times, which are not kept) succeeds.
-        let changes = mode.is_some_and(|m| m & 0o7777 != u32::from(attr.perm))
-            || uid.is_some_and(|u| u != attr.uid)
-            || gid.is_some_and(|g| g != attr.gid)
-            || size.is_some_and(|s| s != attr.size);
-        if changes {
-            return reply.error(self.refuse(Errno::EPERM));
+        match self.setattr_of(ino.0, mode, uid, gid, size) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(errno) => reply.error(errno),
         }
-        reply.attr(&TTL, &attr);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.request();
-        if ino.0 == ROOT_INO {
-            return reply.error(Errno::EISDIR);
-        }
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        match self.shared.open(ino.0, write) {
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-            ),
-            Err(OpenError::NotFound) => reply.error(Errno::ENOENT),
-            Err(OpenError::ReadOnly) => reply.error(self.refuse(Errno::EROFS)),
+        match self.open_file(ino.0, write) {
+            Ok(fh) => reply.opened(FileHandle(fh), OPEN_FLAGS),
+            Err(errno) => reply.error(errno),
         }
     }
 
@@ -333,27 +513,15 @@ impl Filesystem for DeviceFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        self.request();
-        let e = match self.handle(fh) {
-            Ok(e) => e,
+        let (e, len) = match self.read_start(fh.0, offset, size) {
+            Ok(started) => started,
             Err(errno) => return reply.error(errno),
         };
-        let dev_size = e.device.size();
-        let len = u64::from(size).min(dev_size.saturating_sub(offset)) as usize;
-        let c = &self.shared.counters;
-        self.count(&c.reads, 1);
-        c.request_size(u64::from(size));
-        if len == 0 {
-            return reply.data(&[]);
-        }
         READ_BUF.with_borrow_mut(|buf| {
             let buf = hpm_io::aligned_prefix(buf, len);
-            match e.device.read_at(buf, offset) {
-                Ok(()) => {
-                    self.count(&c.read_bytes, len as u64);
-                    reply.data(buf)
-                }
-                Err(err) => reply.error(self.failed("read", &e, offset, &err)),
+            match self.read_fill(&e, buf, offset) {
+                Ok(()) => reply.data(buf),
+                Err(errno) => reply.error(errno),
             }
         })
     }
@@ -370,25 +538,9 @@ impl Filesystem for DeviceFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.request();
-        let e = match self.handle(fh) {
-            Ok(e) => e,
-            Err(errno) => return reply.error(errno),
-        };
-        let c = &self.shared.counters;
-        self.count(&c.writes, 1);
-        c.request_size(data.len() as u64);
-        let dev_size = e.device.size();
-        if offset >= dev_size && !data.is_empty() {
-            return reply.error(self.refuse(Errno::ENOSPC));
-        }
-        let len = (data.len() as u64).min(dev_size - offset.min(dev_size)) as usize;
-        match e.device.write_at(&data[..len], offset) {
-            Ok(()) => {
-                self.count(&c.write_bytes, len as u64);
-                reply.written(len as u32)
-            }
-            Err(err) => reply.error(self.failed("write", &e, offset, &err)),
+        match self.write_data(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(errno) => reply.error(errno),
         }
     }
 
@@ -400,8 +552,7 @@ impl Filesystem for DeviceFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(2): no durability promise, so no device flush (fsync is the barrier).
-        self.request();
+        self.nothing();
         reply.ok();
     }
 
@@ -415,8 +566,7 @@ impl Filesystem for DeviceFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.request();
-        self.shared.release(fh.0);
+        self.release_file(fh.0);
         reply.ok();
     }
 
@@ -428,15 +578,9 @@ impl Filesystem for DeviceFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.request();
-        let e = match self.handle(fh) {
-            Ok(e) => e,
-            Err(errno) => return reply.error(errno),
-        };
-        self.count(&self.shared.counters.flushes, 1);
-        match e.device.flush() {
+        match self.fsync_file(fh.0) {
             Ok(()) => reply.ok(),
-            Err(err) => reply.error(self.failed("fsync", &e, 0, &err)),
+            Err(errno) => reply.error(errno),
         }
     }
 
@@ -448,22 +592,13 @@ impl Filesystem for DeviceFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.request();
-        if ino.0 != ROOT_INO {
-            return reply.error(Errno::ENOTDIR);
+        let r = self.read_dir(ino.0, offset, |ino, cookie, kind, name| {
+            reply.add(INodeNo(ino), cookie, kind, name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
         }
-        let dots = [(1, ROOT_INO, "."), (2, ROOT_INO, "..")];
-        for (cookie, ino, name) in dots {
-            if cookie > offset && reply.add(INodeNo(ino), cookie, FileType::Directory, name) {
-                return reply.ok();
-            }
-        }
-        for (cookie, ino, name) in self.shared.entries_after(offset) {
-            if reply.add(INodeNo(ino), cookie, FileType::RegularFile, name) {
-                break;
-            }
-        }
-        reply.ok();
     }
 
     fn fsyncdir(
@@ -474,24 +609,21 @@ impl Filesystem for DeviceFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // The directory has no state of its own to make durable.
-        self.request();
+        self.nothing();
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.request();
-        let (bytes, files) = self.shared.totals();
+        let (blocks, files) = self.statfs_totals();
         // bsize 4096: the loop driver takes its discard granularity from it.
         let b = BLOCK as u32;
-        reply.statfs(bytes / BLOCK, 0, 0, files, 0, b, 255, b);
+        reply.statfs(blocks, 0, 0, files, 0, b, 255, b);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        self.request();
-        match self.attr_of(ino) {
-            Some(_) => reply.ok(),
-            None => reply.error(Errno::ENOENT),
+        match self.access_of(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(errno) => reply.error(errno),
         }
     }
 
@@ -505,8 +637,7 @@ impl Filesystem for DeviceFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.request();
-        reply.error(Errno::EPERM);
+        reply.error(self.refuse_name_change());
     }
 
     fn mkdir(
@@ -518,14 +649,12 @@ impl Filesystem for DeviceFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        self.request();
-        reply.error(Errno::EPERM);
+        reply.error(self.refuse_name_change());
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         // Devices leave the directory through the export's `remove`, never through unlink.
-        self.request();
-        reply.error(Errno::EPERM);
+        reply.error(self.refuse_name_change());
     }
 
     fn rename(
@@ -538,8 +667,7 @@ impl Filesystem for DeviceFs {
         _flags: fuser::RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.request();
-        reply.error(Errno::EPERM);
+        reply.error(self.refuse_name_change());
     }
 
     fn create(
@@ -552,8 +680,7 @@ impl Filesystem for DeviceFs {
         _flags: i32,
         reply: fuser::ReplyCreate,
     ) {
-        self.request();
-        reply.error(Errno::EPERM);
+        reply.error(self.refuse_name_change());
     }
 
     fn fallocate(
@@ -566,8 +693,7 @@ impl Filesystem for DeviceFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.request();
-        match self.fallocate_inner(fh, offset, length, mode) {
+        match self.fallocate_file(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
         }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct FuseStats {
     /// FUSE requests of every kind handled.
     pub requests: u64,
+    /// Of those, the ones that came over io_uring (see `FuseOptions::io_uring`).
+    pub ring_requests: u64,
     /// Read requests.
     pub reads: u64,
     /// Bytes returned by reads.
@@ -34,6 +36,7 @@ pub struct FuseStats {
 #[derive(Default)]
 pub(crate) struct Counters {
     pub requests: AtomicU64,
+    pub ring_requests: AtomicU64,
     pub reads: AtomicU64,
     pub read_bytes: AtomicU64,
     pub writes: AtomicU64,
@@ -59,6 +62,7 @@ impl Counters {
     pub fn snapshot(&self) -> FuseStats {
         FuseStats {
             requests: self.requests.load(Relaxed),
+            ring_requests: self.ring_requests.load(Relaxed),
             reads: self.reads.load(Relaxed),
             read_bytes: self.read_bytes.load(Relaxed),
             writes: self.writes.load(Relaxed),

@@ -29,7 +29,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub mountpoint: PathBuf,
     pub mounted_at: SystemTime,
     pub counters: Counters,
+    /// Whether INIT negotiated FUSE over io_uring (see `ring`).
+    pub io_uring: AtomicBool,
     table: RwLock<Table>,
     handles: RwLock<HashMap<u64, Arc<Entry>>>,
     /// Never reused, so a stale lookup cannot reach a newer device of the same name.
@@ -79,6 +81,7 @@ impl Shared {
             mountpoint,
             mounted_at: SystemTime::now(),
             counters: Counters::default(),
+            io_uring: AtomicBool::new(false),
             table: RwLock::default(),
             handles: RwLock::default(),
             next_ino: AtomicU64::new(ROOT_INO + 1),

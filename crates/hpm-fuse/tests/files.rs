@@ -225,7 +225,8 @@ fn workers_are_io_flushers_where_permitted() {
             let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
                 continue;
             };
-            if !comm.starts_with("fuser-") {
+            // /dev/fuse workers, or io_uring ones (HPM_TEST_FUSE_IO_URING=1).
+            if !comm.starts_with("fuser-") && !comm.starts_with("hpm-fuse-q") {
                 continue;
             }
             let stat = fs::read_to_string(dir.join("stat")).unwrap();

@@ -259,6 +259,40 @@ fn direct_data_io_serves_unaligned_nbd_writes_and_ext4() {
     ext4_flow(&env);
 }
 
+/// `--fuse-io-uring on` with the kernel's FUSE io_uring on: ext4 on attached devices and
+/// snapshots works as over /dev/fuse, and the requests did come over io_uring (metrics).
+/// The kernel parameter is put back afterwards; the other tests' daemons leave io_uring off.
+#[test]
+fn fuse_over_io_uring_serves_ext4_on_attached_devices() {
+    const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+    if !requirements(
+        "FUSE over io_uring",
+        true,
+        &["mkfs.ext4", "e2fsck", "mount", "umount"],
+    ) || !hpm_testkit::host::require("FUSE over io_uring", true, &[PARAM], &[])
+    {
+        return;
+    }
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = fs::write(PARAM, &self.0);
+        }
+    }
+    let _restore = Restore(fs::read_to_string(PARAM).unwrap().trim().to_string());
+    fs::write(PARAM, "Y").unwrap();
+    let port = free_port();
+    let env = Env::with_daemon(&["--fuse-io-uring", "on", "--metrics", &port.to_string()]);
+    ext4_flow(&env);
+    let body = http_get(port, "/metrics");
+    let ring = body
+        .lines()
+        .find_map(|l| l.strip_prefix("hpmapper_fuse_io_uring_requests_total "))
+        .unwrap_or_else(|| panic!("no io_uring request count in {body}"));
+    let ring: u64 = ring.trim().parse().unwrap();
+    assert!(ring > 100, "only {ring} requests over io_uring:\n{body}");
+}
+
 /// mkfs, mount, write, snapshot, change both sides, fsck both: the common part of the ext4
 /// tests.
 fn ext4_flow(env: &Env) {

@@ -31,7 +31,26 @@ pub struct Env {
 }
 
 impl Env {
+    /// A pool and an export with `opts`; over io_uring instead when HPM_TEST_FUSE_IO_URING=1
+    /// (scripts/test runs this crate's tests a second time so, with the kernel's FUSE
+    /// io_uring on), and then the export must really serve over io_uring.
     pub fn new(opts: &FuseOptions) -> Env {
+        if std::env::var("HPM_TEST_FUSE_IO_URING").is_ok_and(|v| v == "1") {
+            let env = Env::exact(&FuseOptions {
+                io_uring: true,
+                ..opts.clone()
+            });
+            assert!(
+                env.export.io_uring_workers() > 0,
+                "HPM_TEST_FUSE_IO_URING=1 but the export serves /dev/fuse only"
+            );
+            return env;
+        }
+        Env::exact(opts)
+    }
+
+    /// A pool and an export with exactly `opts`.
+    pub fn exact(opts: &FuseOptions) -> Env {
         // Under /tmp or $TMPDIR; not tmpfs here, but the pool file never needs O_DIRECT.
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::create(

@@ -46,6 +46,7 @@ pub async fn start_servers(
     // such a stale mount, then creates the directory.
     let opts = hpm_fuse::FuseOptions {
         threads: d.fuse_threads,
+        io_uring: d.fuse_io_uring,
         ..hpm_fuse::FuseOptions::default()
     };
     let fuse = hpm_fuse::FuseExport::mount(&mnt, &opts)
@@ -103,6 +104,7 @@ pub fn server_counters(d: &Daemon) -> Vec<(String, u64)> {
         let s = f.stats();
         v.extend([
             ("fuse_requests_total".to_string(), s.requests),
+            ("fuse_io_uring_requests_total".to_string(), s.ring_requests),
             ("fuse_read_bytes_total".to_string(), s.read_bytes),
             ("fuse_write_bytes_total".to_string(), s.write_bytes),
             ("fuse_errors_total".to_string(), s.errors),

@@ -26,6 +26,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// `daemon --fuse-io-uring`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FuseIoUring {
+    /// `/dev/fuse` only.
+    Off,
+    /// Over io_uring when the kernel allows it (else `/dev/fuse`, with a warning).
+    On,
+}
+
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// Block cache size [default: 512M].
@@ -40,6 +49,12 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = hpm_fuse::DEFAULT_THREADS,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     fuse_threads: u16,
+    /// Serve the device files over io_uring (`on`; FUSE_OVER_IO_URING, Linux 6.14+, when the
+    /// kernel allows it: `echo Y > /sys/module/fuse/parameters/enable_uring`) or through
+    /// `/dev/fuse` (`off`). Over io_uring a request goes to workers of the CPU that made it,
+    /// one system call per request instead of two.
+    #[arg(long, value_name = "MODE", default_value = "off")]
+    fuse_io_uring: FuseIoUring,
     /// How the daemon reads and writes the pool's data store: `buffered` (through the host
     /// page cache) or `direct` (O_DIRECT, as dm-thin writes its data device: nothing cached
     /// twice, the block cache is the only cache of pool data).
@@ -96,6 +111,7 @@ pub struct Daemon {
     endpoints: Mutex<Vec<(String, String)>>,
     fuse: Mutex<Option<hpm_fuse::FuseExport>>,
     fuse_threads: usize,
+    fuse_io_uring: bool,
     nbd: Mutex<Option<Arc<hpm_nbd::NbdServer>>>,
     docker: Mutex<Option<Arc<docker::DockerDriver>>>,
     containerd: Mutex<Option<Arc<hpm_containerd::block::BlockSnapshotter>>>,
@@ -190,6 +206,7 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
         endpoints: Mutex::new(Vec::new()),
         fuse: Mutex::new(None),
         fuse_threads: usize::from(args.fuse_threads),
+        fuse_io_uring: args.fuse_io_uring == FuseIoUring::On,
         nbd: Mutex::new(None),
         docker: Mutex::new(None),
         containerd: Mutex::new(None),
