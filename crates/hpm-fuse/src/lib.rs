@@ -72,8 +72,8 @@ pub struct FuseOptions {
     /// Source name shown in /proc/mounts. Default "hpmapper".
     pub fs_name: String,
     /// Serve requests over io_uring (FUSE_OVER_IO_URING) when the kernel allows it (Linux
-    /// 6.14+ with `fuse.enable_uring=1`): per CPU, `threads` / CPUs workers (at least
-    /// [`MIN_RING_WORKERS`]), and one `/dev/fuse` thread for what still comes that way.
+    /// 6.14+ with `fuse.enable_uring=1`): per CPU up to `threads` workers (see
+    /// `ring_workers_per_queue`), and one `/dev/fuse` thread for what still comes that way.
     /// Otherwise, or if off, `threads` workers read `/dev/fuse`. Default off: measured here,
     /// it made 4 KiB reads at queue depth 1 about 5-8% faster and at queue depth 16 7-15%
     /// slower (docs/benchmarks.md).
@@ -81,13 +81,14 @@ pub struct FuseOptions {
 }
 
 /// The fewest io_uring workers per CPU queue (see [`FuseOptions::io_uring`]).
-pub const MIN_RING_WORKERS: usize = 8;
+pub const MIN_RING_WORKERS: usize = 3;
 
-/// `threads` spread over the CPU queues, at least [`MIN_RING_WORKERS`] each: a queue's
-/// workers bound the requests of that CPU in flight, and the loop driver makes nearly all of
-/// a device's requests on one CPU at a time.
+/// Workers per CPU queue: `threads` each (a queue's workers bound the requests of that CPU
+/// in flight, and the loop driver makes nearly all of a device's requests on one CPU at a
+/// time), but no more than 4 x `threads` in all, and at least [`MIN_RING_WORKERS`].
 fn ring_workers_per_queue(threads: usize, queues: u16) -> usize {
-    (threads / usize::from(queues.max(1))).max(MIN_RING_WORKERS)
+    let queues = usize::from(queues.max(1));
+    threads.min(4 * threads / queues).max(MIN_RING_WORKERS)
 }
 
 impl Default for FuseOptions {
@@ -370,5 +371,20 @@ fn clear_stale_mount(mountpoint: &Path) {
             );
             let _ = unmount(mountpoint, UnmountFlags::DETACH);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_workers_cover_a_queue_depth_of_threads_on_small_machines_and_stay_bounded() {
+        assert_eq!(ring_workers_per_queue(16, 1), 16);
+        assert_eq!(ring_workers_per_queue(16, 2), 16);
+        assert_eq!(ring_workers_per_queue(16, 4), 16);
+        assert_eq!(ring_workers_per_queue(16, 8), 8);
+        assert_eq!(ring_workers_per_queue(16, 64), MIN_RING_WORKERS);
+        assert_eq!(ring_workers_per_queue(1, 2), MIN_RING_WORKERS);
     }
 }
