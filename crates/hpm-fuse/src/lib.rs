@@ -74,9 +74,9 @@ pub struct FuseOptions {
     /// Serve requests over io_uring (FUSE_OVER_IO_URING) when the kernel allows it (Linux
     /// 6.14+ with `fuse.enable_uring=1`): per CPU up to `threads` workers (see
     /// `ring_workers_per_queue`), and one `/dev/fuse` thread for what still comes that way.
-    /// Otherwise, or if off, `threads` workers read `/dev/fuse`. Default off: measured here,
-    /// it made 4 KiB reads at queue depth 1 about 5-8% faster and at queue depth 16 7-15%
-    /// slower (docs/benchmarks.md).
+    /// Otherwise, or if off, `threads` workers read `/dev/fuse`. Default off: on a 2-vCPU
+    /// VM it made 4 KiB reads through loop faster at queue depth 1 but slower at depth 16
+    /// (docs/benchmarks.md, "FUSE over io_uring").
     pub io_uring: bool,
 }
 
@@ -319,11 +319,12 @@ impl FuseExport {
             // EINVAL: no longer a mount point (someone unmounted it); the workers have ended.
             Ok(()) | Err(rustix::io::Errno::INVAL) => {
                 // The unmount ended the connection, and with it every ring entry.
-                let rings_ok = std::mem::take(&mut self.ring_workers)
+                let panicked = std::mem::take(&mut self.ring_workers)
                     .into_iter()
-                    .all(|w| w.join().is_ok());
+                    .filter_map(|w| w.join().err())
+                    .count();
                 match session.join() {
-                    Ok(r) if rings_ok => r,
+                    Ok(r) if panicked == 0 => r,
                     _ => Err(io::Error::other("a FUSE worker thread panicked")),
                 }
             }
