@@ -223,7 +223,9 @@ impl FuseExport {
                     Err(e) => return Ok(Err(e)),
                 }
             }
-            _ => Vec::new(),
+            // Not to be left with the one /dev/fuse thread.
+            Some(_) => return Ok(Err(io::Error::other("the kernel did not offer it at INIT"))),
+            None => Vec::new(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let session = std::thread::Builder::new()

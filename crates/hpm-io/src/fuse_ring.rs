@@ -64,6 +64,8 @@ pub struct FuseRing {
     /// Whether the kernel may still write into `buf` (an entry is registered and its
     /// completion was not seen): `buf` is then leaked on drop rather than freed.
     in_kernel: bool,
+    /// A request that arrived during [`FuseRing::register`] (its completion's result).
+    early: Option<i32>,
 }
 
 struct Mapping {
@@ -181,21 +183,39 @@ impl FuseRing {
             payload_len,
             iov,
             in_kernel: false,
+            early: None,
         })
     }
 
     /// Registers the entry with queue `qid` of the FUSE connection behind `dev` (a
     /// `/dev/fuse` descriptor of a connection that negotiated `FUSE_OVER_IO_URING`). Returns
-    /// once the kernel has it: the kernel hands a queue's next request to the entry that
-    /// became free last, so registration order decides which worker serves a lone request.
-    /// [`FuseRing::next_request`] waits for the first request.
+    /// once the kernel has it, or with the kernel's refusal: the kernel hands a queue's next
+    /// request to the entry that became free last, so registration order decides which
+    /// worker serves a lone request. [`FuseRing::next_request`] waits for the first request.
     pub fn register(&mut self, dev: BorrowedFd<'_>, qid: u16) -> io::Result<()> {
-        self.submit(dev, CMD_REGISTER, qid, 0, false)
+        self.submit(dev, CMD_REGISTER, qid, 0, false)?;
+        // A refusal completes during the submission; so may a request already queued.
+        match self.reap() {
+            Some(res) if res < 0 => {
+                self.in_kernel = false;
+                Err(io::Error::from_raw_os_error(-res))
+            }
+            early => {
+                self.early = early;
+                Ok(())
+            }
+        }
     }
 
     /// Waits for the request after [`FuseRing::register`].
     pub fn next_request(&mut self) -> io::Result<()> {
-        self.wait()
+        match self.early.take() {
+            Some(_) => {
+                self.in_kernel = false;
+                Ok(())
+            }
+            None => self.wait(),
+        }
     }
 
     /// Sends the reply in the buffers (the `fuse_out_header` at the start of the header,
@@ -357,11 +377,9 @@ mod tests {
         assert_eq!(payload.as_ptr() as usize % ALIGN, 0);
         // A regular file (not /dev/null, which answers every command with 0).
         let not_fuse = tempfile::tempfile().unwrap();
-        ring.register(not_fuse.as_fd(), 0).unwrap();
-        let e = ring.next_request().unwrap_err();
+        let e = ring.register(not_fuse.as_fd(), 0).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}");
         // The ring is usable again after a failed command.
-        ring.register(not_fuse.as_fd(), 0).unwrap();
-        assert!(ring.next_request().is_err());
+        assert!(ring.register(not_fuse.as_fd(), 0).is_err());
     }
 }
