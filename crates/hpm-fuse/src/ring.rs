@@ -150,12 +150,26 @@ fn worker(
         }
     };
     let mut next = ring.next_request();
+    let mut failures = 0;
     loop {
         match next {
-            Ok(()) => {}
+            Ok(()) => failures = 0,
             // The connection ended: unmounted or aborted.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) => {
                 return
+            }
+            Err(e) if failures < 3 => {
+                // The entry is gone from the queue (a failed commit takes it out): put it
+                // back, or the queue's CPU could be left with no entry to take requests.
+                failures += 1;
+                tracing::warn!(
+                    qid,
+                    "FUSE io_uring entry failed ({e}); registering it again"
+                );
+                next = ring
+                    .register(dev.as_fd(), qid)
+                    .and_then(|()| ring.next_request());
+                continue;
             }
             Err(e) => {
                 tracing::warn!(qid, "FUSE io_uring worker stopped: {e}");
