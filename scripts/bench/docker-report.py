@@ -45,6 +45,8 @@ method = {
     "hpmapper-direct": "- **hpmapper-direct**: hpmapper with `hpmapper daemon --data-io direct` "
                        "(the pool's data file read and written with O_DIRECT, as dm-thin's "
                        "bios reach its data device; pool data cached only by the block cache).",
+    "hpmapper-uring": "- **hpmapper-uring**: hpmapper with `hpmapper daemon --fuse-io-uring on` "
+                      "(FUSE over io_uring; the kernel's `fuse.enable_uring` on for the run).",
     "dm-like": "- **dm-like** (devicemapper-like baseline): `hpmapper pool create --cow-granularity "
                "chunk --chunk-size 64K`, `hpmapper daemon --cache-mode per-device --docker` (a "
                "cache per device, and, like dm-thin's bios to its data device, no shared cache "
@@ -129,12 +131,14 @@ if start:
         if ("overlay2", 16) in start:
             o = med(start[("overlay2", 16)])
             print(f"| hpmapper within 1.3x of overlay2 | hpmapper / overlay2 = {h/o:.2f}x | {yes(h/o <= 1.3)} |")
-        if ("hpmapper-direct", 16) in start:
-            hd = med(start[("hpmapper-direct", 16)])
+        for variant in ("hpmapper-direct", "hpmapper-uring"):
+            if (variant, 16) not in start:
+                continue
+            hd = med(start[(variant, 16)])
             if ("dm-like", 16) in start:
-                print(f"| (the same, hpmapper-direct) | dm-like / hpmapper-direct = {med(start[('dm-like', 16)])/hd:.2f}x | {yes(med(start[('dm-like', 16)])/hd >= 2.0)} |")
+                print(f"| (the same, {variant}) | dm-like / {variant} = {med(start[('dm-like', 16)])/hd:.2f}x | {yes(med(start[('dm-like', 16)])/hd >= 2.0)} |")
             if ("overlay2", 16) in start:
-                print(f"| (the same, hpmapper-direct) | hpmapper-direct / overlay2 = {hd/med(start[('overlay2', 16)]):.2f}x | {yes(hd/med(start[('overlay2', 16)]) <= 1.3)} |")
+                print(f"| (the same, {variant}) | {variant} / overlay2 = {hd/med(start[('overlay2', 16)]):.2f}x | {yes(hd/med(start[('overlay2', 16)]) <= 1.3)} |")
     print()
 
 if io:
@@ -144,7 +148,7 @@ if io:
     print("| N | driver | backend read MiB | x file | target | met |")
     print("|---|---|---|---|---|---|")
     for n in ns:
-        for p in ("hpmapper", "hpmapper-direct", "dm-like"):
+        for p in ("hpmapper", "hpmapper-direct", "hpmapper-uring", "dm-like"):
             if (p, n) not in io: continue
             v = io[(p, n)]
             x = med(v) / F
