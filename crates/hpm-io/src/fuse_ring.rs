@@ -235,17 +235,11 @@ impl FuseRing {
         unsafe { std::slice::from_raw_parts(self.buf.as_ptr(), FUSE_RING_HEADER_LEN) }
     }
 
-    /// The header buffer, for the reply.
-    pub fn header_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `header`, and `&mut self` makes it the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.buf.as_ptr(), FUSE_RING_HEADER_LEN) }
-    }
-
-    /// The header and the payload buffer (4096-aligned), for a request that reads its
-    /// header while writing its reply into the payload.
+    /// The header and the payload buffer (4096-aligned), to read a request and write its
+    /// reply.
     pub fn split_mut(&mut self) -> (&mut [u8], &mut [u8]) {
         // SAFETY: two disjoint ranges of `buf` (the header in the first ALIGN bytes, the
-        // payload after them), as in `header_mut`.
+        // payload after them), as in `header`; `&mut self` makes them the only references.
         unsafe {
             (
                 std::slice::from_raw_parts_mut(self.buf.as_ptr(), FUSE_RING_HEADER_LEN),
