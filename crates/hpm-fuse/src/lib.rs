@@ -74,8 +74,9 @@ pub struct FuseOptions {
     /// Serve requests over io_uring (FUSE_OVER_IO_URING) when the kernel allows it (Linux
     /// 6.14+ with `fuse.enable_uring=1`): per CPU up to `threads` workers (see
     /// `ring_workers_per_queue`), and one `/dev/fuse` thread for what still comes that way.
-    /// Otherwise, or if off, `threads` workers read `/dev/fuse`. Default off: on a 2-vCPU
-    /// VM it made 4 KiB reads through loop faster at queue depth 1 but slower at depth 16
+    /// Otherwise, or if off, `threads` workers read `/dev/fuse`. Default off (the kernel
+    /// side is new, and off by default itself); on a 2-vCPU VM it made 4 KiB reads through
+    /// loop faster at queue depth 1 and changed nothing measurable at depth 16
     /// (docs/benchmarks.md, "FUSE over io_uring").
     pub io_uring: bool,
 }
