@@ -58,3 +58,21 @@ halt_poll_desc() {
         echo "$(halt_poll_now) (the machine's own setting)"
     fi
 }
+
+# The kernel's switch for FUSE over io_uring (off by default; hpmapper uses it with `daemon
+# --fuse-io-uring on`). fuse_uring_on turns it on, remembering the machine's own value
+# (FUSE_URING_OLD) the first time; fuse_uring_restore puts that back (call it on exit).
+FUSE_URING_PARAM=/sys/module/fuse/parameters/enable_uring
+FUSE_URING_OLD=""
+fuse_uring_on() {
+    local old
+    old=$(cat "$FUSE_URING_PARAM" 2>/dev/null) || {
+        echo "error: this kernel has no $FUSE_URING_PARAM (FUSE over io_uring needs 6.14+)" >&2
+        return 1
+    }
+    [ -n "$FUSE_URING_OLD" ] || FUSE_URING_OLD=$old
+    echo Y >"$FUSE_URING_PARAM"
+}
+fuse_uring_restore() {
+    if [ -n "$FUSE_URING_OLD" ]; then echo "$FUSE_URING_OLD" >"$FUSE_URING_PARAM"; fi
+}

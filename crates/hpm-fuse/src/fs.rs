@@ -33,7 +33,8 @@ use std::time::{Duration, Instant, SystemTime};
 /// Attributes and entries are not cached by the kernel: sizes can change (engine resize) and
 /// names can be removed and added again; lookups are rare next to data requests.
 const TTL: Duration = Duration::ZERO;
-const BLOCK: u64 = 4096;
+/// The block size the files report (statfs, st_blksize of the directory).
+pub(crate) const BLOCK: u64 = 4096;
 /// Most background requests (loop's asynchronous direct I/O) the kernel keeps in flight.
 const MAX_BACKGROUND: u16 = 64;
 /// Every device file is opened for direct I/O (never cached by the kernel), with parallel

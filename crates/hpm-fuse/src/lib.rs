@@ -81,8 +81,9 @@ pub struct FuseOptions {
     pub io_uring: bool,
 }
 
-/// The fewest io_uring workers per CPU queue (see [`FuseOptions::io_uring`]).
-pub const MIN_RING_WORKERS: usize = 3;
+/// The fewest io_uring workers per CPU queue (see [`FuseOptions::io_uring`]): two kept on
+/// the queue's CPU and one free to move.
+pub const MIN_RING_WORKERS: usize = ring::MIN_WORKERS_PER_QUEUE;
 
 /// Workers per CPU queue: `threads` each (a queue's workers bound the requests of that CPU
 /// in flight, and the loop driver makes nearly all of a device's requests on one CPU at a

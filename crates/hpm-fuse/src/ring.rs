@@ -13,7 +13,7 @@
 //! `hpm_io::FuseRing`); what each request does is `fs::DeviceFs`'s, shared with the fuser
 //! transport. It must never answer a request the `/dev/fuse` path would answer differently.
 
-use crate::fs::{DeviceFs, OPEN_FLAGS};
+use crate::fs::{DeviceFs, BLOCK, OPEN_FLAGS};
 use fuser::{Errno, FileAttr, FileType};
 use hpm_io::{FuseRing, FUSE_RING_ENT_OFFSET, FUSE_RING_OP_OFFSET};
 use std::io;
@@ -89,7 +89,10 @@ pub(crate) fn kernel_enabled() -> bool {
 /// every worker tied).
 const PINNED_PER_QUEUE: usize = 2;
 
-/// Starts `per_queue` workers (at least [`PINNED_PER_QUEUE`] + 1) for each of `queues` CPU
+/// The fewest workers a queue gets: its tied ones and one free to move.
+pub(crate) const MIN_WORKERS_PER_QUEUE: usize = PINNED_PER_QUEUE + 1;
+
+/// Starts `per_queue` workers (at least [`MIN_WORKERS_PER_QUEUE`]) for each of `queues` CPU
 /// queues on the connection behind `dev`; returns once every entry is registered, or the
 /// first error. A worker ends when the connection does (unmount or abort).
 pub(crate) fn start(
@@ -100,7 +103,7 @@ pub(crate) fn start(
     payload_len: usize,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let dev = Arc::new(dev);
-    let per_queue = per_queue.max(PINNED_PER_QUEUE + 1);
+    debug_assert!(per_queue >= MIN_WORKERS_PER_QUEUE);
     let mut workers = Vec::with_capacity(usize::from(queues) * per_queue);
     for qid in 0..queues {
         for n in 0..per_queue {
@@ -291,7 +294,7 @@ fn dispatch(
         op::ACCESS => fs.access_of(nodeid).map(|()| 0),
         op::STATFS => {
             let (blocks, files) = fs.statfs_totals();
-            let b = 4096u32.to_ne_bytes();
+            let b = (BLOCK as u32).to_ne_bytes();
             // fuse_kstatfs: blocks, bfree, bavail, files, ffree; bsize, namelen, frsize,
             // padding, spare[6].
             Ok(put(

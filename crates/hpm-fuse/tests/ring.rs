@@ -11,35 +11,17 @@ mod common;
 
 use common::*;
 use hpm_fuse::FuseOptions;
+use hpm_testkit::host::{FuseUring, FUSE_URING_PARAM};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Mutex;
 
-const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+/// Tests here take turns with the kernel's switch.
 static KERNEL_PARAM: Mutex<()> = Mutex::new(());
-
-/// Sets `fuse.enable_uring` while alive; puts the old value back when dropped.
-struct EnableUring {
-    old: String,
-}
-
-impl EnableUring {
-    fn set(on: bool) -> EnableUring {
-        let old = fs::read_to_string(PARAM).unwrap().trim().to_string();
-        fs::write(PARAM, if on { "Y" } else { "N" }).unwrap();
-        EnableUring { old }
-    }
-}
-
-impl Drop for EnableUring {
-    fn drop(&mut self) {
-        let _ = fs::write(PARAM, &self.old);
-    }
-}
 
 fn needs(test: &str) -> bool {
     requirements(test, true, &["mkfs.ext4", "e2fsck", "mount"])
-        && hpm_testkit::host::require(test, true, &[PARAM], &[])
+        && hpm_testkit::host::require(test, true, &[FUSE_URING_PARAM], &[])
 }
 
 fn errno_of(e: std::io::Error) -> i32 {
@@ -60,7 +42,7 @@ fn requests_go_over_io_uring_with_the_answers_of_dev_fuse() {
         return;
     }
     let _turn = KERNEL_PARAM.lock().unwrap_or_else(|e| e.into_inner());
-    let _param = EnableUring::set(true);
+    let _param = FuseUring::set(true).unwrap();
     let env = Env::exact(&FuseOptions {
         io_uring: true,
         ..FuseOptions::default()
@@ -176,7 +158,7 @@ fn dev_fuse_serves_when_io_uring_is_off_in_the_kernel_or_the_options() {
     }
     let _turn = KERNEL_PARAM.lock().unwrap_or_else(|e| e.into_inner());
     for (kernel, option) in [(false, true), (true, false)] {
-        let _param = EnableUring::set(kernel);
+        let _param = FuseUring::set(kernel).unwrap();
         let env = Env::exact(&FuseOptions {
             io_uring: option,
             ..FuseOptions::default()

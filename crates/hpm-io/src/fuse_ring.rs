@@ -229,7 +229,7 @@ impl FuseRing {
     }
 
     /// The header buffer ([`FUSE_RING_HEADER_LEN`] bytes).
-    pub fn header(&self) -> &[u8] {
+    fn header(&self) -> &[u8] {
         // SAFETY: the first ALIGN >= FUSE_RING_HEADER_LEN bytes of `buf`; the kernel writes
         // them only while a submission is in flight, and every submission takes `&mut self`.
         unsafe { std::slice::from_raw_parts(self.buf.as_ptr(), FUSE_RING_HEADER_LEN) }

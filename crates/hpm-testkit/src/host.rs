@@ -50,6 +50,33 @@ pub fn is_root() -> bool {
     })
 }
 
+/// The kernel's switch for FUSE over io_uring (off by default), global to the machine.
+pub const FUSE_URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Keeps `fuse.enable_uring` set while alive and puts the machine's value back when dropped.
+/// The switch is global: tests that set it must take turns, and run where no other test
+/// cares (a test binary of their own, or daemons that say which transport they want).
+pub struct FuseUring {
+    old: String,
+}
+
+impl FuseUring {
+    /// Sets the switch on or off. Needs root and a kernel with FUSE io_uring (6.14+).
+    pub fn set(on: bool) -> std::io::Result<FuseUring> {
+        let old = std::fs::read_to_string(FUSE_URING_PARAM)?
+            .trim()
+            .to_string();
+        std::fs::write(FUSE_URING_PARAM, if on { "Y" } else { "N" })?;
+        Ok(FuseUring { old })
+    }
+}
+
+impl Drop for FuseUring {
+    fn drop(&mut self) {
+        let _ = std::fs::write(FUSE_URING_PARAM, &self.old);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

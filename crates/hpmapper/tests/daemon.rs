@@ -264,23 +264,19 @@ fn direct_data_io_serves_unaligned_nbd_writes_and_ext4() {
 /// The kernel parameter is put back afterwards; the other tests' daemons leave io_uring off.
 #[test]
 fn fuse_over_io_uring_serves_ext4_on_attached_devices() {
-    const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
     if !requirements(
         "FUSE over io_uring",
         true,
         &["mkfs.ext4", "e2fsck", "mount", "umount"],
-    ) || !hpm_testkit::host::require("FUSE over io_uring", true, &[PARAM], &[])
-    {
+    ) || !hpm_testkit::host::require(
+        "FUSE over io_uring",
+        true,
+        &[hpm_testkit::host::FUSE_URING_PARAM],
+        &[],
+    ) {
         return;
     }
-    struct Restore(String);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let _ = fs::write(PARAM, &self.0);
-        }
-    }
-    let _restore = Restore(fs::read_to_string(PARAM).unwrap().trim().to_string());
-    fs::write(PARAM, "Y").unwrap();
+    let _param = hpm_testkit::host::FuseUring::set(true).unwrap();
     let port = free_port();
     let env = Env::with_daemon(&["--fuse-io-uring", "on", "--metrics", &port.to_string()]);
     ext4_flow(&env);
