@@ -158,7 +158,16 @@ fn device_files_behave_like_block_devices() {
     // Adding a name twice is refused; list shows both with their open handles.
     let dup = env.export.add(env.pool.open_device("a/b c").unwrap());
     assert_eq!(dup.unwrap_err().kind(), ErrorKind::AlreadyExists);
-    let list = env.export.list();
+    // The O_DIRECT handle's RELEASE is a background request that close() does not wait
+    // for: wait until it is in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let list = loop {
+        let list = env.export.list();
+        if list[0].open_handles == 1 || std::time::Instant::now() > deadline {
+            break list;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(list.len(), 2);
     assert_eq!(list[0].name, "a/b c");
     assert_eq!(list[0].open_handles, 1);
@@ -217,9 +226,11 @@ fn workers_are_io_flushers_where_permitted() {
     fs::metadata(&path).unwrap();
     // PF_MEMALLOC_NOIO, set by PR_SET_IO_FLUSHER (with PF_LOCAL_THROTTLE).
     const PF_MEMALLOC_NOIO: u64 = 0x0008_0000;
-    let mut workers = 0;
+    // Counted, not asserted, per pass: a ring worker of another test in this process sets
+    // the flag as its first step, a moment after it has its name.
+    let (mut workers, mut without) = (0, Vec::new());
     for _ in 0..200 {
-        workers = 0;
+        (workers, without) = (0, Vec::new());
         for task in fs::read_dir("/proc/self/task").unwrap() {
             let dir = task.unwrap().path();
             let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
@@ -233,15 +244,21 @@ fn workers_are_io_flushers_where_permitted() {
             // Fields after "(comm)": state ppid pgrp session tty tpgid flags ...
             let rest = &stat[stat.rfind(')').unwrap() + 2..];
             let flags: u64 = rest.split(' ').nth(6).unwrap().parse().unwrap();
-            assert_ne!(flags & PF_MEMALLOC_NOIO, 0, "{comm} flags {flags:#x}");
+            if flags & PF_MEMALLOC_NOIO == 0 {
+                without.push(format!("{} flags {flags:#x}", comm.trim()));
+            }
             workers += 1;
         }
-        if workers >= 3 {
+        if workers >= 3 && without.is_empty() {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(workers >= 3, "found {workers} FUSE worker threads");
+    assert!(
+        without.is_empty(),
+        "workers without IO_FLUSHER: {without:?}"
+    );
 }
 
 #[test]

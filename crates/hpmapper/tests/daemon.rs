@@ -277,8 +277,8 @@ fn fuse_over_io_uring_serves_ext4_on_attached_devices() {
         return;
     }
     let _param = hpm_testkit::host::FuseUring::set(true).unwrap();
-    let port = free_port();
-    let env = Env::with_daemon(&["--fuse-io-uring", "on", "--metrics", &port.to_string()]);
+    let env = Env::with_daemon(&["--fuse-io-uring", "on", "--metrics", "0"]);
+    let port = metrics_port(&env);
     ext4_flow(&env);
     let body = http_get(port, "/metrics");
     let ring = body
@@ -618,8 +618,8 @@ fn sigterm_detaches_closes_the_pool_and_exits_0() {
     env.attach("t1");
 
     let status = env
-        .terminate_daemon(Duration::from_secs(5))
-        .expect("the daemon did not exit within 5 s of SIGTERM");
+        .terminate_daemon(Duration::from_secs(20))
+        .expect("the daemon did not exit within 20 s of SIGTERM");
     assert_eq!(status.code(), Some(0), "{status}\n{}", env.log());
     assert!(
         !env.run_dir.join("control.sock").exists(),
@@ -642,13 +642,15 @@ fn sigterm_detaches_closes_the_pool_and_exits_0() {
     assert!(e.contains("no hpmapper daemon"), "{e}");
 }
 
-/// A TCP port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The port of the metrics endpoint a daemon started with `--metrics 0` (the kernel's
+/// choice, so no other process can take it first) reports in `status --json`.
+fn metrics_port(env: &Env) -> u16 {
+    let url = endpoint(&env.json(&["status", "--json"]), "metrics");
+    let port = url
+        .strip_prefix("http://127.0.0.1:")
+        .and_then(|r| r.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("metrics endpoint {url}"));
+    port.parse().unwrap()
 }
 
 /// One HTTP/1.1 GET; the whole response. The request goes out in two segments, as a
@@ -686,8 +688,8 @@ fn metrics_serve_prometheus_text_on_loopback() {
     if !requirements("metrics", false, &[]) {
         return;
     }
-    let port = free_port();
-    let env = Env::with_daemon(&["--metrics", &port.to_string()]);
+    let env = Env::with_daemon(&["--metrics", "0"]);
+    let port = metrics_port(&env);
     env.ok(&["device", "create", "m", "--size", "1M"]);
     let args = ["device", "write", "m", "--offset", "0", "-"];
     env.succeeded(&args, env.run_with_stdin(&args, &pattern(8192, 4)));

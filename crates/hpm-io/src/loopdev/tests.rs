@@ -84,8 +84,14 @@ fn round_trip(method: Method, read_only: bool) {
     }
     let number = dev.number();
     dev.detach().unwrap();
-    assert!(find_by_backing_file(&backing).unwrap().is_empty());
-    assert!(!sysfs_path(number, "loop/backing_file").exists());
+    wait_detached(&backing);
+    // The number may already serve another test's file (tests run in parallel).
+    let now = read_sysfs(number, "loop/backing_file").unwrap_or_default();
+    assert_ne!(
+        Path::new(now.trim()),
+        backing.canonicalize().unwrap(),
+        "loop{number} still serves the file"
+    );
     if !read_only {
         File::open(&backing)
             .unwrap()
@@ -128,7 +134,21 @@ fn autoclear_detaches_when_the_last_holder_closes() {
         vec![again.number()]
     );
     drop(again);
-    assert!(find_by_backing_file(&backing).unwrap().is_empty());
+    wait_detached(&backing);
+}
+
+/// Waits until no loop device serves `backing`: the kernel tears a device down when its last
+/// opener closes, which a prober (udev's blkid) may be for a moment after we close ours.
+fn wait_detached(backing: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !find_by_backing_file(backing).unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a loop device still serves {} 5 s after detach",
+            backing.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 #[test]
