@@ -232,6 +232,17 @@ impl LayerStore {
         };
         let origin = match parent {
             Some(p) => {
+                // A parent put while busy lives on as a filesystem someone still holds (a
+                // process inside it, or a mount namespace that copied the mount: a container
+                // starting at that moment), and its last writes reach the device only when
+                // that filesystem goes. Wait for that; refuse rather than snapshot it early.
+                self.release_lingering(p, &self.names.device(p))
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorKind::Busy,
+                            format!("cannot make layer {id:?} from layer {p:?} yet: {e}"),
+                        )
+                    })?;
                 // A mounted parent is snapshotted as its disk holds it: flush it first.
                 if self.table.lock().mounted.contains_key(p) {
                     mounts::syncfs(&self.mountpoint(p))?;

@@ -330,6 +330,47 @@ fn get_and_put_are_counted_and_busy_layers_stay_safe() {
 }
 
 #[test]
+fn a_parent_still_in_use_after_its_put_is_snapshotted_only_when_free() {
+    if !requirements("a_parent_still_in_use_after_its_put_is_snapshotted_only_when_free") {
+        return;
+    }
+    let env = Env::new();
+    let s = env.store();
+    s.create("p", None, None).unwrap();
+    // A writer inside at the last put (as a mount namespace that copied the mount holds
+    // it): the unmount is lazy and the new data is still in the page cache of a filesystem
+    // that lives on. A snapshot of the device now would not have it.
+    let rootfs = s.get("p", "").unwrap();
+    let mut held = fs::File::create(rootfs.join("late")).unwrap();
+    s.put("p").unwrap();
+    assert!(!is_mounted(&s.mountpoint("p")));
+    std::io::Write::write_all(&mut held, b"written after the put").unwrap();
+
+    // Held past the wait: refused, and nothing is made.
+    let e = s.create("c1", Some("p"), None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(e.to_string().contains("\"p\""), "{e}");
+    assert!(!s.exists("c1"));
+
+    // Let go during the wait: the child is made once the filesystem is gone, with it all.
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(held);
+    });
+    s.create("c1", Some("p"), None).unwrap();
+    releaser.join().unwrap();
+    assert!(env.devices.attached().is_empty());
+    let root = s.get("c1", "").unwrap();
+    assert_eq!(
+        fs::read(root.join("late")).unwrap(),
+        b"written after the put"
+    );
+    s.put("c1").unwrap();
+    s.remove("c1").unwrap();
+    s.remove("p").unwrap();
+}
+
+#[test]
 fn size_option_grows_the_filesystem_and_refuses_to_shrink() {
     if !requirements("size_option_grows_the_filesystem_and_refuses_to_shrink") {
         return;

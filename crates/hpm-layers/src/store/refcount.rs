@@ -257,7 +257,8 @@ impl LayerStore {
             return Ok(());
         };
         // A lazy unmount completes when its last user lets go, usually within moments of the
-        // container's exit: wait up to about 3 s for the device to become free.
+        // container's exit (and a mount namespace that copied the mount, a container being
+        // set up, drops it within moments): wait up to about 3.5 s for the device to be free.
         let mut pauses = [10u64, 50, 100, 200, 400, 800, 1000, 1000].iter();
         loop {
             match self.detach_block(device) {
@@ -269,7 +270,7 @@ impl LayerStore {
                         return Err(Error::new(
                             ErrorKind::Busy,
                             format!(
-                                "layer {id:?} was unmounted lazily and processes still use it: {e}"
+                                "layer {id:?} is unmounted but its filesystem is still in use (a process inside it, or another mount namespace holding it): {e}"
                             ),
                         ));
                     }
