@@ -72,6 +72,7 @@ impl Error {
             Some(libc_errno::EROFS) => ErrorKind::ReadOnly,
             Some(libc_errno::EOPNOTSUPP) => ErrorKind::Unsupported,
             Some(libc_errno::EBUSY) => ErrorKind::Busy,
+            None if source.kind() == io::ErrorKind::ResourceBusy => ErrorKind::Busy,
             _ => ErrorKind::Io,
         };
         Self {

@@ -69,8 +69,10 @@ use refcount::MountTable;
 pub trait BlockDevices: Send + Sync {
     /// Attaches pool device `device`; returns the block device's path (`/dev/loopN`).
     fn attach(&self, device: &str, read_only: bool) -> std::io::Result<PathBuf>;
-    /// Detaches pool device `device`, so the pool can remove it. Fails while the block
-    /// device is still in use (a lazily unmounted filesystem).
+    /// Detaches pool device `device`, so the pool can remove it; `Ok` if it is not
+    /// attached. Fails with `EBUSY` (or [`std::io::ErrorKind::ResourceBusy`]) while the block
+    /// device is still in use (a filesystem on it lives on somewhere), and must then leave
+    /// it attached.
     fn detach(&self, device: &str) -> std::io::Result<()>;
 }
 

@@ -604,6 +604,34 @@ fn fsynced_files_survive_a_sigkill_of_the_daemon() {
 }
 
 #[test]
+fn a_detached_device_still_open_elsewhere_is_never_attached_twice() {
+    if !requirements("detach while open", true, &[]) {
+        return;
+    }
+    let env = Env::with_daemon(&[]);
+    env.ok(&["device", "create", "held", "--size", "1M"]);
+    let file = env.device_file("held");
+    let lo = env.attach("held");
+    // Someone (a prober, a backup tool) has the block device open, not mounted: detach
+    // succeeds, and the kernel clears the device on that holder's last close.
+    let holder = fs::File::open(&lo).unwrap();
+    env.ok(&["device", "detach", "held"]);
+    assert_eq!(env.loops_backed_by(&file), std::slice::from_ref(&lo));
+    let e = env.fails(&["device", "attach", "held"]);
+    assert!(
+        e.contains("still attached as") && e.contains("\"held\""),
+        "{e}"
+    );
+    assert_eq!(env.loops_backed_by(&file), std::slice::from_ref(&lo));
+    drop(holder);
+    env.wait_no_loop(&file);
+    let again = env.attach("held");
+    assert_eq!(env.loops_backed_by(&file), [again]);
+    env.ok(&["device", "detach", "held"]);
+    env.wait_no_loop(&file);
+}
+
+#[test]
 fn sigterm_detaches_closes_the_pool_and_exits_0() {
     if !requirements("SIGTERM", true, &[]) {
         return;

@@ -31,6 +31,8 @@ impl LayerStore {
         }
         let partial = self.names.partial_base(size);
         if self.pool.device_info(&partial).is_ok() {
+            // Left attached by an attempt whose detach failed (a no-op otherwise).
+            self.detach_patiently(&partial)?;
             self.pool
                 .remove_device(&partial)
                 .map_err(|e| engine_error(format!("removing the unfinished {partial:?}"), e))?;
@@ -115,7 +117,7 @@ impl LayerStore {
             let _ = fs::remove_dir(&mp);
             Ok(())
         })();
-        let detached = self.detach_block(device);
+        let detached = self.detach_patiently(device);
         made.and(detached)
     }
 
@@ -127,7 +129,7 @@ impl LayerStore {
             .map_err(|e| engine_error(format!("growing device {device:?} to {size} bytes"), e))?;
         let block = self.attach_block(device)?;
         let grown = ext4::grow(&block);
-        let detached = self.detach_block(device);
+        let detached = self.detach_patiently(device);
         grown.and(detached)
     }
 }

@@ -74,24 +74,18 @@ impl LayerStore {
         };
         let device = self.names.device(id);
         // A client's unmount (the shim's, at container exit) may still be completing.
-        let mut pauses = [10u64, 50, 100, 200, 400].iter();
-        loop {
-            match self.devices.detach(&device) {
-                Ok(()) => break,
-                Err(e) => match pauses.next() {
-                    Some(&ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
-                    None => {
-                        return Err(Error::new(
-                            ErrorKind::Busy,
-                            format!(
-                                "layer {id:?} is still in use as block device {} (mounted?): {e}",
-                                block.display()
-                            ),
-                        ))
-                    }
-                },
+        self.detach_patiently(&device).map_err(|e| {
+            if e.kind() != ErrorKind::Busy {
+                return e;
             }
-        }
+            Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "layer {id:?} is still in use as block device {} (mounted?): {e}",
+                    block.display()
+                ),
+            )
+        })?;
         self.table.lock().exported.remove(id);
         tracing::debug!(layer = id, "unexported");
         Ok(())

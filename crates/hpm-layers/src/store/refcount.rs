@@ -78,6 +78,7 @@ impl LayerStore {
             let device = self.names.device(&id);
             let mounted = self.table.lock().mounted.get(&id).map(|m| m.block.clone());
             if let Some(block) = mounted {
+                sync_before_unmount(&id, &self.mountpoint(&id));
                 match mounts::unmount(&self.mountpoint(&id)) {
                     Ok(how) => {
                         self.table.lock().mounted.remove(&id);
@@ -165,9 +166,15 @@ impl LayerStore {
             mounts::unmount(&mp)?;
         }
         let lingering = self.table.lock().lingering.remove(id);
-        let block = match lingering {
-            Some(block) if self.devices.detach(&device).is_err() => block,
-            _ => self.attach_block(&device)?,
+        let block = match lingering.map(|b| (b, self.detach_block(&device))) {
+            // Still held: mount that same device, whose filesystem lives on (the kernel
+            // hands out the live superblock), never a second device under it.
+            Some((block, Err(e))) if e.kind() == ErrorKind::Busy => block,
+            Some((block, Err(e))) => {
+                self.table.lock().lingering.insert(id.to_string(), block);
+                return Err(e);
+            }
+            Some((_, Ok(()))) | None => self.attach_block(&device)?,
         };
         let mounted = mounts::mount_ext4(&block, &mp, label).and_then(|()| {
             if self.layout == Layout::FsRoot {
@@ -207,7 +214,9 @@ impl LayerStore {
             }
         };
         // On failure the layer stays mounted with its last reference.
-        let how = mounts::unmount(&self.mountpoint(id))?;
+        let mp = self.mountpoint(id);
+        sync_before_unmount(id, &mp);
+        let how = mounts::unmount(&mp)?;
         self.table.lock().mounted.remove(id);
         self.release_block(id, &self.names.device(id), block, how);
         tracing::debug!(layer = id, "unmounted");
@@ -232,11 +241,28 @@ impl LayerStore {
             .map_err(|e| Error::io(format!("attaching device {device:?} as a block device"), e))
     }
 
-    /// Detaches pool device `device`.
+    /// Detaches pool device `device`; [`ErrorKind::Busy`] while it is in use.
     pub(super) fn detach_block(&self, device: &str) -> Result<()> {
         self.devices
             .detach(device)
             .map_err(|e| Error::io(format!("detaching the block device of {device:?}"), e))
+    }
+
+    /// [`Self::detach_block`], retried for about 3.5 s while the device is busy: a lazy
+    /// unmount completes when its last user lets go, usually within moments of a container's
+    /// exit, and a mount namespace that copied the mount (a container being set up at the
+    /// moment of the unmount) drops it within moments too.
+    pub(super) fn detach_patiently(&self, device: &str) -> Result<()> {
+        let mut pauses = [10u64, 50, 100, 200, 400, 800, 1000, 1000].iter();
+        loop {
+            match self.detach_block(device) {
+                Err(e) if e.kind() == ErrorKind::Busy => match pauses.next() {
+                    Some(&ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
+                    None => return Err(e),
+                },
+                done => return done,
+            }
+        }
     }
 
     /// Detaches the block device of layer `id` after it was unmounted; if that fails (a lazy
@@ -251,32 +277,32 @@ impl LayerStore {
         }
     }
 
-    /// Detaches the lingering block device of layer `id`, if any; `Busy` if it still cannot.
+    /// Detaches the lingering block device of layer `id`, if any; `Busy` if it still cannot
+    /// after [`Self::detach_patiently`].
     pub(super) fn release_lingering(&self, id: &str, device: &str) -> Result<()> {
         let Some(block) = self.table.lock().lingering.remove(id) else {
             return Ok(());
         };
-        // A lazy unmount completes when its last user lets go, usually within moments of the
-        // container's exit (and a mount namespace that copied the mount, a container being
-        // set up, drops it within moments): wait up to about 3.5 s for the device to be free.
-        let mut pauses = [10u64, 50, 100, 200, 400, 800, 1000, 1000].iter();
-        loop {
-            match self.detach_block(device) {
-                Ok(()) => return Ok(()),
-                Err(e) => match pauses.next() {
-                    Some(&ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
-                    None => {
-                        self.table.lock().lingering.insert(id.to_string(), block);
-                        return Err(Error::new(
-                            ErrorKind::Busy,
-                            format!(
-                                "layer {id:?} is unmounted but its filesystem is still in use (a process inside it, or another mount namespace holding it): {e}"
-                            ),
-                        ));
-                    }
-                },
+        self.detach_patiently(device).map_err(|e| {
+            self.table.lock().lingering.insert(id.to_string(), block);
+            if e.kind() != ErrorKind::Busy {
+                return e;
             }
-        }
+            Error::new(
+                ErrorKind::Busy,
+                format!("layer {id:?} is unmounted but its filesystem is still in use (a process inside it, or another mount namespace holding it): {e}"),
+            )
+        })
+    }
+}
+
+/// Writes layer `id`'s filesystem at `mp` to its device before it is unmounted: if a mount
+/// namespace copied the mount (a container being set up at that moment), the unmount leaves
+/// the filesystem alive there, and it would write back only when that lets go. Best effort:
+/// the unmount writes back too, and reports what it cannot.
+fn sync_before_unmount(id: &str, mp: &Path) {
+    if let Err(e) = mounts::syncfs(mp) {
+        tracing::warn!("layer {id:?}: {e}; unmounting anyway");
     }
 }
 

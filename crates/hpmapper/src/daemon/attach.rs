@@ -151,15 +151,17 @@ pub fn detach_all(d: &Daemon) {
     d.nbd.lock().take();
 }
 
-/// Whether a block device is in use (mounted, or open exclusively): O_EXCL fails with EBUSY.
-fn in_use(dev: &Path) -> bool {
+/// Claims block device `dev` exclusively (O_EXCL), as a mount does: `None` while it is in
+/// use (mounted, or open exclusively). While the claim is held nobody can mount it.
+fn claim(dev: &Path) -> std::io::Result<Option<std::fs::File>> {
     match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc_o_excl())
         .open(dev)
     {
-        Ok(_) => false,
-        Err(e) => e.raw_os_error() == Some(16),
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(16) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -201,6 +203,15 @@ impl Daemon {
         }
         let read_only = read_only || self.pool.device_info(name)?.read_only;
         let (file, added) = self.fuse_file(name)?;
+        if !added {
+            // A loop device we detached may still be held open by someone (it goes on their
+            // last close): never put a second one over the same device.
+            let still = loopdev::find_by_backing_file(&file)
+                .with_context(|| format!("looking for loop devices over {}", file.display()))?;
+            if let Some(n) = still.first() {
+                bail!("device {name:?} is still attached as /dev/loop{n} (detached, but still open elsewhere); try again once it is closed");
+            }
+        }
         let dev = match loopdev::attach(&file, read_only) {
             Ok(d) => d,
             Err(e) => {
@@ -230,14 +241,26 @@ impl Daemon {
             .lock()
             .remove(name)
             .with_context(|| format!("device {name:?} is not attached"))?;
-        if in_use(a.dev.path()) {
-            let path = a.dev.path().display().to_string();
-            self.attachments.lock().insert(name.to_string(), a);
-            bail!("device {name:?} ({path}) is in use (mounted?); unmount it first");
-        }
+        // The claim is held across the detach, so no mount can start between the check and
+        // the ioctl (the kernel would then only mark the device to clear on its last close
+        // and leave it mounted); our last close of it tears the device down.
+        let claimed = match claim(a.dev.path()) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                let path = a.dev.path().display().to_string();
+                self.attachments.lock().insert(name.to_string(), a);
+                bail!("device {name:?} ({path}) is in use (mounted?); unmount it first");
+            }
+            Err(e) => {
+                let path = a.dev.path().display().to_string();
+                self.attachments.lock().insert(name.to_string(), a);
+                return Err(e).with_context(|| format!("opening {path} to detach it"));
+            }
+        };
         a.dev
             .detach()
             .with_context(|| format!("detaching the loop device of {name:?}"))?;
+        drop(claimed);
         self.unexport(name);
         tracing::info!(device = name, "detached");
         Ok(())

@@ -40,7 +40,11 @@ impl BlockDevices for DaemonDevices {
         self.daemon()?.attach(device, read_only).map_err(to_io)
     }
     fn detach(&self, device: &str) -> io::Result<()> {
-        self.daemon()?.detach(device).map_err(|e| {
+        let d = self.daemon()?;
+        if !d.attachments.lock().contains_key(device) {
+            return Ok(());
+        }
+        d.detach(device).map_err(|e| {
             // The store treats EBUSY as "still in use, retry later".
             let e = to_io(e);
             if e.kind() == io::ErrorKind::ResourceBusy {
