@@ -505,6 +505,67 @@ fn images_and_containers_survive_restarts() {
 }
 
 #[test]
+fn a_running_container_keeps_its_layer_across_a_live_restore_of_dockerd() {
+    if !docker_requirements("live restore") {
+        return;
+    }
+    let mut h = HpmDocker::start();
+    assert!(h.dockerd.stop(), "dockerd did not stop on SIGTERM");
+    h.dockerd.set_config(r#"{"live-restore": true}"#);
+    h.dockerd.start();
+    h.dockerd.import("bb:base", &busybox_rootfs());
+    let image_layers = h.layer_devices().len();
+    // A container that keeps writing into its own layer.
+    let counter = "i=0; while :; do i=$((i+1)); echo $i > /n.tmp && mv /n.tmp /n; sleep 0.05; done";
+    h.dockerd.ok(&[
+        "run", "-d", "--name", "live", "bb:base", "sh", "-c", counter,
+    ]);
+    let count = |h: &HpmDocker| -> u64 {
+        let out = h.dockerd.ok(&["exec", "live", "cat", "/n"]);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("/n holds {out:?}"))
+    };
+    let wait_past = |h: &HpmDocker, n: u64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let now = count(h);
+            if now > n {
+                return now;
+            }
+            assert!(std::time::Instant::now() < deadline, "/n stuck at {now}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let before = wait_past(&h, 0);
+
+    // dockerd goes while the container runs on, writing (with live restore it leaves the
+    // layer mounted: no Put, no Cleanup); it comes back and adopts the container (a Get
+    // and a Put of its layer, to learn its path).
+    assert!(h.dockerd.stop(), "dockerd did not stop on SIGTERM");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    h.dockerd.start();
+    let ps = h.dockerd.ok(&["ps", "--format", "{{.Names}}"]);
+    assert_eq!(ps, "live", "{}", h.dockerd.log_tail(30));
+    let during = wait_past(&h, before);
+
+    // Stopped, it has kept every write; started again, it runs on its own layer.
+    h.dockerd.ok(&["stop", "-t", "1", "live"]);
+    let args = ["cp", "live:/n", "-"];
+    let out = h.dockerd.run(&args);
+    h.dockerd.succeeded(&args, out.clone());
+    let files = tar_entries(&out.stdout);
+    let last: u64 = String::from_utf8_lossy(&files[0].2).trim().parse().unwrap();
+    assert!(last >= during, "stopped at {last}, after {during} was seen");
+    h.dockerd.ok(&["start", "live"]);
+    wait_past(&h, last);
+    h.dockerd.ok(&["rm", "-f", "live"]);
+    assert_eq!(h.layer_devices().len(), image_layers);
+    let check = h.env.ok_text(&["check"]);
+    assert!(check.contains("consistent"), "{check}");
+}
+
+#[test]
 fn sixteen_containers_at_once_then_the_space_comes_back() {
     if !docker_requirements("16 concurrent containers") {
         return;

@@ -129,6 +129,12 @@ impl Dockerd {
         d
     }
 
+    /// Replaces dockerd's configuration file (JSON, e.g. `{"live-restore": true}`); it
+    /// applies from the next start.
+    pub fn set_config(&self, json: &str) {
+        fs::write(self.path("daemon.json"), json).unwrap();
+    }
+
     /// `dir/rel`.
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.join(rel)
