@@ -371,6 +371,46 @@ fn a_parent_still_in_use_after_its_put_is_snapshotted_only_when_free() {
 }
 
 #[test]
+fn cleanup_names_what_stays_busy_and_finishes_once_it_is_free() {
+    if !requirements("cleanup_names_what_stays_busy_and_finishes_once_it_is_free") {
+        return;
+    }
+    let env = Env::new();
+    let s = env.store();
+    for id in ["lazy", "handed", "idle"] {
+        s.create(id, None, None).unwrap();
+    }
+    // A process inside one layer (its unmount is lazy and its device lingers), a client's
+    // mount of another's exported device, a third simply mounted.
+    let held = fs::File::open(s.get("lazy", "").unwrap()).unwrap();
+    let block = s.export("handed", false).unwrap();
+    let mnt = env.dir.path().join("client");
+    fs::create_dir_all(&mnt).unwrap();
+    rustix::mount::mount(&block, &mnt, "ext4", MountFlags::empty(), None).unwrap();
+    s.get("idle", "").unwrap();
+
+    let e = s.cleanup().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("\"lazy\"") && msg.contains("\"handed\""),
+        "{msg}"
+    );
+    assert!(!msg.contains("\"idle\""), "{msg}");
+    assert!(!is_mounted(&s.mountpoint("idle")) && !is_mounted(&s.mountpoint("lazy")));
+    assert_eq!(s.mount_count("idle"), 0);
+
+    drop(held);
+    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
+    s.cleanup().unwrap();
+    assert!(env.devices.attached().is_empty());
+    assert_eq!(s.exported("handed"), None);
+    for id in ["lazy", "handed", "idle"] {
+        s.remove(id).unwrap();
+    }
+}
+
+#[test]
 fn size_option_grows_the_filesystem_and_refuses_to_shrink() {
     if !requirements("size_option_grows_the_filesystem_and_refuses_to_shrink") {
         return;

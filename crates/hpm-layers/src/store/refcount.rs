@@ -17,6 +17,9 @@ use super::names::check_id;
 use super::{LayerStore, Layout};
 use crate::error::{Error, ErrorKind, Result};
 
+/// Pauses between the tries of a busy detach: about 3.5 s in all.
+const DETACH_PAUSES_MS: &[u64] = &[10, 50, 100, 200, 400, 800, 1000, 1000];
+
 /// Which layers are mounted.
 #[derive(Default)]
 pub(super) struct MountTable {
@@ -72,7 +75,7 @@ impl LayerStore {
                 .cloned()
                 .collect()
         };
-        let mut failed = Vec::new();
+        let (mut failed, mut busy) = (Vec::new(), Vec::new());
         for id in ids {
             let _lock = self.locks.lock(&id);
             let device = self.names.device(&id);
@@ -91,10 +94,35 @@ impl LayerStore {
                     }
                 }
             }
-            if self.release_lingering(&id, &device).is_err() || self.unexport_locked(&id).is_err() {
-                failed.push(id);
+            match self.release_once(&id) {
+                Ok(true) => {}
+                Ok(false) => busy.push(id),
+                Err(e) => {
+                    tracing::warn!("at cleanup, layer {id:?}: {e}");
+                    failed.push(id);
+                }
             }
         }
+        // What is still busy gets the patience of one detach in all, not each (a shutdown
+        // with many running containers must not take minutes).
+        for &ms in DETACH_PAUSES_MS {
+            if busy.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            busy.retain(|id| {
+                let _lock = self.locks.lock(id);
+                match self.release_once(id) {
+                    Ok(done) => !done,
+                    Err(e) => {
+                        tracing::warn!("at cleanup, layer {id:?}: {e}");
+                        failed.push(id.clone());
+                        false
+                    }
+                }
+            });
+        }
+        failed.extend(busy);
         if failed.is_empty() {
             return Ok(());
         }
@@ -253,7 +281,7 @@ impl LayerStore {
     /// exit, and a mount namespace that copied the mount (a container being set up at the
     /// moment of the unmount) drops it within moments too.
     pub(super) fn detach_patiently(&self, device: &str) -> Result<()> {
-        let mut pauses = [10u64, 50, 100, 200, 400, 800, 1000, 1000].iter();
+        let mut pauses = DETACH_PAUSES_MS.iter();
         loop {
             match self.detach_block(device) {
                 Err(e) if e.kind() == ErrorKind::Busy => match pauses.next() {
@@ -262,6 +290,28 @@ impl LayerStore {
                 },
                 done => return done,
             }
+        }
+    }
+
+    /// One try at detaching layer `id`'s lingering or exported block device (the id mutex
+    /// held): whether it is gone now (or there was none), `false` while it is busy.
+    fn release_once(&self, id: &str) -> Result<bool> {
+        let held = {
+            let t = self.table.lock();
+            t.lingering.contains_key(id) || t.exported.contains_key(id)
+        };
+        if !held {
+            return Ok(true);
+        }
+        match self.detach_block(&self.names.device(id)) {
+            Ok(()) => {
+                let mut t = self.table.lock();
+                t.lingering.remove(id);
+                t.exported.remove(id);
+                Ok(true)
+            }
+            Err(e) if e.kind() == ErrorKind::Busy => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
