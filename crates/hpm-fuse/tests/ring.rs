@@ -183,3 +183,52 @@ fn dev_fuse_serves_when_io_uring_is_off_in_the_kernel_or_the_options() {
         assert_eq!(s.ring_requests, 0, "kernel {kernel}, option {option}");
     }
 }
+
+/// Keeps `kernel.io_uring_disabled` at a value while alive; puts the old one back on drop.
+struct IoUringDisabled(String);
+
+const IO_URING_DISABLED: &str = "/proc/sys/kernel/io_uring_disabled";
+
+impl IoUringDisabled {
+    fn set(v: &str) -> IoUringDisabled {
+        let old = fs::read_to_string(IO_URING_DISABLED).unwrap();
+        fs::write(IO_URING_DISABLED, v).unwrap();
+        IoUringDisabled(old.trim().to_string())
+    }
+}
+
+impl Drop for IoUringDisabled {
+    fn drop(&mut self) {
+        let _ = fs::write(IO_URING_DISABLED, &self.0);
+    }
+}
+
+#[test]
+fn rings_refused_after_init_remount_the_export_on_dev_fuse() {
+    let test = "FUSE over io_uring refused";
+    if !needs(test) || !hpm_testkit::host::require(test, true, &[IO_URING_DISABLED], &[]) {
+        return;
+    }
+    let _turn = KERNEL_PARAM.lock().unwrap_or_else(|e| e.into_inner());
+    let _param = FuseUring::set(true).unwrap();
+    // FUSE offers io_uring at INIT, then the kernel refuses to make rings at all (as a
+    // hardened host may): the export is mounted again on /dev/fuse with all its threads.
+    let env = {
+        let _off = IoUringDisabled::set("2");
+        Env::exact(&FuseOptions {
+            io_uring: true,
+            ..FuseOptions::default()
+        })
+    };
+    assert_eq!(env.export.io_uring_workers(), 0);
+    let path = env.device("vol", 8 * MIB);
+    let _loop = LoopGuard(path.clone());
+    let m = attach_and_mount(&path, &env.path("mnt"), true);
+    fs::write(env.path("mnt").join("f"), [7u8; 100_000]).unwrap();
+    m.umount();
+    wait_detached(&path);
+    fsck_clean(&path);
+    let s = env.export.stats();
+    assert!(s.requests > 100, "{} requests", s.requests);
+    assert_eq!(s.ring_requests, 0);
+}
