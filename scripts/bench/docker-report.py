@@ -26,6 +26,11 @@ print("# Docker storage drivers: `scripts/bench/docker`\n")
 peers_env = "" if peers == ["overlay2", "vfs", "btrfs", "hpmapper", "dm-like"] or skipped else \
     f"PEERS=\"{' '.join(peers)}\" "
 hp_env = "" if "HALT_POLL_NS" not in halt_poll else f"HALT_POLL_NS={halt_poll.split()[0]} "
+experiments = os.environ.get("EXPERIMENTS", "cow startup io")
+if experiments.split() != ["cow", "startup", "io"]:
+    hp_env += f"EXPERIMENTS=\"{experiments}\" "
+if "hpmapper-alt" in peers:
+    hp_env += f"ALT_BIN={os.environ.get('ALT_BIN', '?')} "
 print(f"Date {datetime.date.today()}, command `{hp_env}ROUNDS={rounds} FULL={full} {peers_env}scripts/bench/docker`, "
       f"tree {git}, {elapsed} s. Machine: {os.cpu_count()} cores ({cpu}), {mem} GiB RAM, kernel "
       f"{platform.release()}, bench directory {bench_dir} on `{disk}`, Docker "
@@ -47,6 +52,8 @@ method = {
                        "bios reach its data device; pool data cached only by the block cache).",
     "hpmapper-uring": "- **hpmapper-uring**: hpmapper with `hpmapper daemon --fuse-io-uring on` "
                       "(FUSE over io_uring; the kernel's `fuse.enable_uring` on for the run).",
+    "hpmapper-alt": "- **hpmapper-alt**: hpmapper as the `hpmapper` peer, run from another build "
+                    f"(`ALT_BIN` = {os.environ.get('ALT_DESC', 'unknown')}).",
     "dm-like": "- **dm-like** (devicemapper-like baseline): `hpmapper pool create --cow-granularity "
                "chunk --chunk-size 64K`, `hpmapper daemon --cache-mode per-device --docker` (a "
                "cache per device, and, like dm-thin's bios to its data device, no shared cache "
@@ -131,7 +138,7 @@ if start:
         if ("overlay2", 16) in start:
             o = med(start[("overlay2", 16)])
             print(f"| hpmapper within 1.3x of overlay2 | hpmapper / overlay2 = {h/o:.2f}x | {yes(h/o <= 1.3)} |")
-        for variant in ("hpmapper-direct", "hpmapper-uring"):
+        for variant in ("hpmapper-direct", "hpmapper-uring", "hpmapper-alt"):
             if (variant, 16) not in start:
                 continue
             hd = med(start[(variant, 16)])
@@ -148,7 +155,7 @@ if io:
     print("| N | driver | backend read MiB | x file | target | met |")
     print("|---|---|---|---|---|---|")
     for n in ns:
-        for p in ("hpmapper", "hpmapper-direct", "hpmapper-uring", "dm-like"):
+        for p in ("hpmapper", "hpmapper-direct", "hpmapper-uring", "hpmapper-alt", "dm-like"):
             if (p, n) not in io: continue
             v = io[(p, n)]
             x = med(v) / F
