@@ -1,14 +1,17 @@
 //! The snapshotter's own metadata: which containerd key is which layer, its kind, parent,
-//! labels and times. One JSON file, `snapshots.json` in the state directory, replaced
-//! atomically (write a temporary file, fsync, rename, fsync the directory) after every
-//! change; its format is normative in docs/design.md ("containerd snapshot metadata").
+//! labels and times. A checkpoint, `snapshots.json` in the state directory, replaced
+//! atomically (write a temporary file, fsync, rename, fsync the directory), and a log,
+//! `snapshots.log`, with one checksummed line per change appended and fdatasynced; the log
+//! is folded into a new checkpoint once it outgrows it, so a change costs one small append
+//! whatever the number of snapshots. The format is normative in docs/design.md ("containerd
+//! snapshot metadata").
 //!
-//! Owns the file and the in-memory table. Must never hold anything the pool owns (sizes,
+//! Owns the files and the in-memory table. Must never hold anything the pool owns (sizes,
 //! usage of active snapshots): those are read from the layer store. Never interprets keys:
-//! they are opaque strings, used only as map keys in the file.
+//! they are opaque strings, used only as map keys in the files.
 
 use std::collections::BTreeMap;
-use std::fs;
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,10 +20,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Code, Error, Info, Kind, Labels, Result};
 
-/// The file's name in the state directory.
+/// The checkpoint's name in the state directory.
 pub(super) const FILE: &str = "snapshots.json";
-/// The format version this code reads and writes.
-const VERSION: u32 = 1;
+/// The log's name in the state directory.
+pub(super) const LOG: &str = "snapshots.log";
+/// The checkpoint version this code writes; it reads this one and 1 (no log, no `seq`).
+const VERSION: u32 = 2;
+/// The log is folded into a new checkpoint once it is longer than this and than the
+/// checkpoint itself.
+const MIN_LOG_BYTES: u64 = 64 << 10;
 
 /// One snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,85 +68,184 @@ impl Record {
     }
 }
 
-/// The file's content.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// One change of the table, as the log records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Op {
+    /// Sets the record of `key`.
+    Put { key: String, record: Record },
+    /// Forgets `key`.
+    Del { key: String },
+}
+
+/// One line of the log: the changes of one operation, all or none.
+#[derive(Debug, Serialize, Deserialize)]
+struct LogLine {
+    /// One more than the line before (or the checkpoint's `seq`).
+    seq: u64,
+    /// The table's `next_id` after the change.
+    next_id: u64,
+    ops: Vec<Op>,
+}
+
+/// The checkpoint's content.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(super) struct Table {
     version: u32,
+    /// The `seq` of the last log line folded in (0: none).
+    #[serde(default)]
+    seq: u64,
     /// The next layer id to hand out; ids are never reused.
     pub(super) next_id: u64,
     /// Snapshots by key (or name, once committed).
     pub(super) snapshots: BTreeMap<String, Record>,
 }
 
+impl Table {
+    fn apply(&mut self, ops: &[Op]) {
+        for op in ops {
+            match op {
+                Op::Put { key, record } => {
+                    self.snapshots.insert(key.clone(), record.clone());
+                }
+                Op::Del { key } => {
+                    self.snapshots.remove(key);
+                }
+            }
+        }
+    }
+}
+
 /// The table and where it lives.
 pub(super) struct MetaFile {
     path: PathBuf,
+    log_path: PathBuf,
+    /// The log, open for appending.
+    log: File,
+    /// Bytes of the log that hold whole lines (a failed append is cut back to this).
+    log_len: u64,
+    /// Bytes of the last checkpoint written or read.
+    checkpoint_len: u64,
+    /// Set when a failed append could not be cut back: the next change is written as a
+    /// checkpoint, which empties the log.
+    log_damaged: bool,
     pub(super) table: Table,
 }
 
 impl MetaFile {
-    /// Reads `dir/snapshots.json`; an absent file is an empty table. A file that does not
-    /// parse is an error naming it: nothing is guessed or overwritten.
+    /// Reads `dir/snapshots.json` and replays `dir/snapshots.log` over it; an absent
+    /// checkpoint is an empty table. A torn last log line (a crash during its append) is cut
+    /// off; anything else that does not parse is an error naming the file: nothing is
+    /// guessed or overwritten.
     pub(super) fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(FILE);
-        let table = match fs::read(&path) {
-            Ok(bytes) => {
-                let t: Table = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::new(
-                        Code::Internal,
-                        format!(
-                            "the snapshot metadata {} is corrupt ({e}); move it away to start with no containerd snapshots",
-                            path.display()
-                        ),
-                    )
-                })?;
-                if t.version != VERSION {
-                    return Err(Error::new(
-                        Code::Internal,
-                        format!(
-                            "the snapshot metadata {} has format version {}, this hpmapper reads version {VERSION}",
-                            path.display(),
-                            t.version
-                        ),
-                    ));
-                }
-                t
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Table {
-                version: VERSION,
-                next_id: 1,
-                snapshots: BTreeMap::new(),
-            },
+        let log_path = dir.join(LOG);
+        let (mut table, checkpoint_len) = match fs::read(&path) {
+            Ok(bytes) => (parse_checkpoint(&path, &bytes)?, bytes.len() as u64),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                Table {
+                    version: VERSION,
+                    seq: 0,
+                    next_id: 1,
+                    snapshots: BTreeMap::new(),
+                },
+                0,
+            ),
             Err(e) => return Err(io(format!("reading {}", path.display()), e)),
         };
-        Ok(Self { path, table })
+        let log_len = replay(&log_path, &mut table)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| io(format!("opening {}", log_path.display()), e))?;
+        // Whatever followed the last whole line was a torn append: cut it off for good.
+        if log.metadata().map(|m| m.len()).unwrap_or(0) != log_len {
+            log.set_len(log_len)
+                .and_then(|()| log.sync_all())
+                .map_err(|e| io(format!("cutting the torn end of {}", log_path.display()), e))?;
+        }
+        table.version = VERSION;
+        Ok(Self {
+            path,
+            log_path,
+            log,
+            log_len,
+            checkpoint_len,
+            log_damaged: false,
+            table,
+        })
     }
 
-    /// Writes the table durably: on return the file holds it, whatever crashes later.
-    pub(super) fn save(&self) -> Result<()> {
+    /// Writes the whole table as a new checkpoint, durably, then empties the log: on return
+    /// the files hold the table, whatever crashes later.
+    pub(super) fn save(&mut self) -> Result<()> {
+        let table = self.table.clone();
+        self.write_checkpoint(&table)
+    }
+
+    fn write_checkpoint(&mut self, table: &Table) -> Result<()> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let tmp = self.path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(&self.table)
+        let bytes = serde_json::to_vec_pretty(table)
             .map_err(|e| Error::new(Code::Internal, format!("encoding the metadata: {e}")))?;
         let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
+            let mut f = File::create(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             fs::rename(&tmp, &self.path)?;
-            fs::File::open(dir)?.sync_all()
+            File::open(dir)?.sync_all()
         };
-        write().map_err(|e| io(format!("writing {}", self.path.display()), e))
+        write().map_err(|e| io(format!("writing {}", self.path.display()), e))?;
+        self.checkpoint_len = bytes.len() as u64;
+        // The checkpoint holds every line (its `seq` says so): a crash before the log is
+        // emptied only leaves lines that the next open skips.
+        self.log
+            .set_len(0)
+            .and_then(|()| self.log.sync_all())
+            .map_err(|e| io(format!("emptying {}", self.log_path.display()), e))?;
+        self.log_len = 0;
+        self.log_damaged = false;
+        Ok(())
     }
 
-    /// Changes the snapshots with `change` and saves the table; if saving fails, the table
-    /// is left as it was, so memory never holds what the file does not.
-    pub(super) fn apply(
-        &mut self,
-        change: impl FnOnce(&mut BTreeMap<String, Record>),
-    ) -> Result<()> {
-        let before = self.table.snapshots.clone();
-        change(&mut self.table.snapshots);
-        self.save().inspect_err(|_| self.table.snapshots = before)
+    /// Makes `ops` (the changes of one operation) durable and then applies them to the
+    /// table; if that fails, the table is left as it was, so memory never holds what the
+    /// files do not.
+    pub(super) fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
+        let line = LogLine {
+            seq: self.table.seq + 1,
+            next_id: self.table.next_id,
+            ops,
+        };
+        let json = serde_json::to_string(&line)
+            .map_err(|e| Error::new(Code::Internal, format!("encoding a change: {e}")))?;
+        let text = format!("{:08x} {json}\n", crc32c::crc32c(json.as_bytes()));
+        if self.log_damaged
+            || self.log_len + text.len() as u64 > MIN_LOG_BYTES.max(self.checkpoint_len)
+        {
+            let mut next = self.table.clone();
+            next.apply(&line.ops);
+            next.seq = line.seq;
+            self.write_checkpoint(&next)?;
+            self.table = next;
+            return Ok(());
+        }
+        let appended = self
+            .log
+            .write_all(text.as_bytes())
+            .and_then(|()| self.log.sync_data());
+        if let Err(e) = appended {
+            // Cut the partial line off, so the next append starts on a line of its own.
+            if self.log.set_len(self.log_len).is_err() {
+                self.log_damaged = true;
+            }
+            return Err(io(format!("appending to {}", self.log_path.display()), e));
+        }
+        self.log_len += text.len() as u64;
+        self.table.apply(&line.ops);
+        self.table.seq = line.seq;
+        Ok(())
     }
 
     /// The record of `key`, or `NotFound`.
@@ -155,6 +262,91 @@ impl MetaFile {
             .map(|(k, _)| k.as_str())
             .collect()
     }
+}
+
+/// The checkpoint in `bytes`, read from `path`: version 1 or 2.
+fn parse_checkpoint(path: &Path, bytes: &[u8]) -> Result<Table> {
+    let t: Table = serde_json::from_slice(bytes).map_err(|e| {
+        Error::new(
+            Code::Internal,
+            format!(
+                "the snapshot metadata {} is corrupt ({e}); move it and {LOG} away to start with no containerd snapshots",
+                path.display()
+            ),
+        )
+    })?;
+    if t.version != VERSION && t.version != 1 {
+        return Err(Error::new(
+            Code::Internal,
+            format!(
+                "the snapshot metadata {} has format version {}, this hpmapper reads versions 1 and {VERSION}",
+                path.display(),
+                t.version
+            ),
+        ));
+    }
+    Ok(t)
+}
+
+/// Applies the lines of the log at `path` that follow `table`'s `seq`; returns the length of
+/// the whole lines. A last line that is cut short or does not check out is a torn append and
+/// ends the log; a bad line with lines after it, or a gap in `seq`, is corruption.
+fn replay(path: &Path, table: &mut Table) -> Result<u64> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io(format!("reading {}", path.display()), e)),
+    };
+    let corrupt = |n: usize, what: &str| {
+        Error::new(
+            Code::Internal,
+            format!(
+                "the snapshot metadata log {} is corrupt at line {n}: {what}; move it and {FILE} away to start with no containerd snapshots",
+                path.display()
+            ),
+        )
+    };
+    let mut good = 0usize;
+    let mut rest = &bytes[..];
+    let mut n = 0;
+    while !rest.is_empty() {
+        n += 1;
+        let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+            break; // torn: no end of line
+        };
+        let parsed = parse_line(&rest[..end]);
+        let after = &rest[end + 1..];
+        let line = match parsed {
+            Some(line) => line,
+            None if after.is_empty() => break, // torn: the last line does not check out
+            None => return Err(corrupt(n, "its checksum or content is wrong")),
+        };
+        if line.seq > table.seq {
+            if line.seq != table.seq + 1 {
+                return Err(corrupt(
+                    n,
+                    &format!("change {} follows change {}", line.seq, table.seq),
+                ));
+            }
+            table.apply(&line.ops);
+            table.seq = line.seq;
+            table.next_id = table.next_id.max(line.next_id);
+        }
+        good += end + 1;
+        rest = after;
+    }
+    Ok(good as u64)
+}
+
+/// A log line without its newline: 8 hex digits of the CRC-32C of the JSON, a space, the
+/// JSON. `None` unless all of it checks out.
+fn parse_line(raw: &[u8]) -> Option<LogLine> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let (crc, json) = text.split_once(' ')?;
+    if crc.len() != 8 || u32::from_str_radix(crc, 16).ok()? != crc32c::crc32c(json.as_bytes()) {
+        return None;
+    }
+    serde_json::from_str(json).ok()
 }
 
 /// `NotFound` for `key`.
@@ -194,43 +386,170 @@ mod tests {
         }
     }
 
+    fn put(key: &str, r: Record) -> Op {
+        Op::Put {
+            key: key.to_string(),
+            record: r,
+        }
+    }
+
+    fn del(key: &str) -> Op {
+        Op::Del {
+            key: key.to_string(),
+        }
+    }
+
+    fn log_len(dir: &Path) -> u64 {
+        fs::metadata(dir.join(LOG)).map_or(0, |m| m.len())
+    }
+
     #[test]
     fn the_table_survives_a_round_trip_with_opaque_keys() {
         let dir = tempfile::tempdir().unwrap();
         let mut m = MetaFile::open(dir.path()).unwrap();
         assert_eq!(m.table.next_id, 1);
         m.table.next_id = 3;
-        m.table.snapshots.insert(
-            "default/1/sha256:aa bb/ü".into(),
-            record(1, Kind::Committed, None),
-        );
-        m.table.snapshots.insert(
-            "default/2/extract-1 sha256:cc".into(),
-            record(2, Kind::Active, Some("default/1/sha256:aa bb/ü")),
-        );
-        m.save().unwrap();
+        let (k1, k2) = ("default/1/sha256:aa bb/ü", "default/2/extract-1 sha256:cc");
+        m.apply(vec![put(k1, record(1, Kind::Committed, None))])
+            .unwrap();
+        m.apply(vec![put(k2, record(2, Kind::Active, Some(k1)))])
+            .unwrap();
+        // Changes go to the log, not to a rewritten checkpoint.
+        assert!(!dir.path().join(FILE).exists());
+        assert!(log_len(dir.path()) > 0);
         let again = MetaFile::open(dir.path()).unwrap();
         assert_eq!(again.table.next_id, 3);
         assert_eq!(again.table.snapshots, m.table.snapshots);
-        assert_eq!(
-            again.children("default/1/sha256:aa bb/ü"),
-            ["default/2/extract-1 sha256:cc"]
-        );
-        let info = again
-            .get("default/2/extract-1 sha256:cc")
-            .unwrap()
-            .info("x");
+        assert_eq!(again.children(k1), [k2]);
+        let info = again.get(k2).unwrap().info("x");
         assert_eq!(info.created, from_ns(1_700_000_000_123_456_789));
+        // A checkpoint holds all of it and empties the log.
+        m.save().unwrap();
+        assert_eq!(log_len(dir.path()), 0);
+        let again = MetaFile::open(dir.path()).unwrap();
+        assert_eq!(again.table.snapshots, m.table.snapshots);
         assert!(!dir.path().join("snapshots.json.tmp").exists());
     }
 
     #[test]
-    fn a_corrupt_or_newer_file_is_refused_by_name() {
+    fn a_commit_is_one_change_and_a_long_log_is_folded_into_the_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(FILE), b"{\"version\": 1, \"next_").unwrap();
+        let mut m = MetaFile::open(dir.path()).unwrap();
+        m.apply(vec![put("a", record(1, Kind::Active, None))])
+            .unwrap();
+        m.apply(vec![del("a"), put("c", record(1, Kind::Committed, None))])
+            .unwrap();
+        let again = MetaFile::open(dir.path()).unwrap();
+        assert_eq!(again.table.snapshots.keys().collect::<Vec<_>>(), ["c"]);
+        // Many changes: the log never grows much past the larger of its floor and the
+        // checkpoint, and what the files hold is the table.
+        for i in 2..2000u64 {
+            m.table.next_id = i + 1;
+            m.apply(vec![put(
+                &format!("k{i}"),
+                record(i, Kind::Committed, None),
+            )])
+            .unwrap();
+            if i % 3 == 0 {
+                m.apply(vec![del(&format!("k{}", i - 1))]).unwrap();
+            }
+        }
+        assert!(dir.path().join(FILE).exists());
+        let checkpoint = fs::metadata(dir.path().join(FILE)).unwrap().len();
+        assert!(log_len(dir.path()) <= MIN_LOG_BYTES.max(checkpoint));
+        let again = MetaFile::open(dir.path()).unwrap();
+        assert_eq!(again.table.snapshots, m.table.snapshots);
+        assert_eq!(again.table.next_id, 2000);
+        assert_eq!(again.table.seq, m.table.seq);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_off_and_a_bad_line_before_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = MetaFile::open(dir.path()).unwrap();
+        m.apply(vec![put("a", record(1, Kind::Committed, None))])
+            .unwrap();
+        m.apply(vec![put("b", record(2, Kind::Committed, None))])
+            .unwrap();
+        let log = dir.path().join(LOG);
+        let whole = fs::read(&log).unwrap();
+        drop(m);
+        // A crash half way through the second append: the first change stays.
+        for cut in [whole.len() - 1, whole.len() - 20] {
+            fs::write(&log, &whole[..cut]).unwrap();
+            let m = MetaFile::open(dir.path()).unwrap();
+            assert_eq!(m.table.snapshots.keys().collect::<Vec<_>>(), ["a"]);
+            // The torn end is gone, and the next change follows the first.
+            drop(m);
+            let first = whole.iter().position(|&b| b == b'\n').unwrap() + 1;
+            assert_eq!(log_len(dir.path()), first as u64);
+        }
+        // A whole last line whose checksum fails is torn too.
+        let mut bad = whole.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 1;
+        fs::write(&log, &bad).unwrap();
+        let mut m = MetaFile::open(dir.path()).unwrap();
+        assert_eq!(m.table.snapshots.keys().collect::<Vec<_>>(), ["a"]);
+        m.apply(vec![put("c", record(3, Kind::Committed, None))])
+            .unwrap();
+        drop(m);
+        let m = MetaFile::open(dir.path()).unwrap();
+        assert_eq!(m.table.snapshots.keys().collect::<Vec<_>>(), ["a", "c"]);
+        drop(m);
+        // But a damaged line with a good one after it is corruption: refused, named.
+        let mut bad = fs::read(&log).unwrap();
+        bad[12] ^= 1;
+        fs::write(&log, &bad).unwrap();
         let e = MetaFile::open(dir.path()).err().unwrap();
-        assert!(e.message.contains("corrupt"), "{e}");
-        assert!(e.message.contains("snapshots.json"), "{e}");
+        assert!(
+            e.message.contains("snapshots.log") && e.message.contains("line 1"),
+            "{e}"
+        );
+        // So is a gap in the changes.
+        let lines: Vec<&[u8]> = whole.split_inclusive(|&b| b == b'\n').collect();
+        fs::write(&log, lines[1]).unwrap();
+        let e = MetaFile::open(dir.path()).err().unwrap();
+        assert!(e.message.contains("change 2 follows change 0"), "{e}");
+    }
+
+    #[test]
+    fn lines_already_in_the_checkpoint_are_skipped() {
+        // A crash after a checkpoint was renamed in but before the log was emptied.
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = MetaFile::open(dir.path()).unwrap();
+        m.apply(vec![put("a", record(1, Kind::Committed, None))])
+            .unwrap();
+        m.apply(vec![del("a"), put("b", record(2, Kind::Committed, None))])
+            .unwrap();
+        let old_log = fs::read(dir.path().join(LOG)).unwrap();
+        m.save().unwrap();
+        m.apply(vec![put("c", record(3, Kind::Committed, None))])
+            .unwrap();
+        let new_line = fs::read(dir.path().join(LOG)).unwrap();
+        drop(m);
+        fs::write(dir.path().join(LOG), [old_log, new_line].concat()).unwrap();
+        let m = MetaFile::open(dir.path()).unwrap();
+        assert_eq!(m.table.snapshots.keys().collect::<Vec<_>>(), ["b", "c"]);
+    }
+
+    #[test]
+    fn a_version_1_file_is_read_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = serde_json::json!({
+            "version": 1,
+            "next_id": 5,
+            "snapshots": {"x": record(4, Kind::Committed, None)},
+        });
+        fs::write(dir.path().join(FILE), v1.to_string()).unwrap();
+        let mut m = MetaFile::open(dir.path()).unwrap();
+        assert_eq!(m.table.next_id, 5);
+        assert_eq!(m.get("x").unwrap().id, 4);
+        m.apply(vec![del("x")]).unwrap();
+        drop(m);
+        let m = MetaFile::open(dir.path()).unwrap();
+        assert!(m.table.snapshots.is_empty());
+        drop(m);
         fs::write(
             dir.path().join(FILE),
             br#"{"version": 9, "next_id": 1, "snapshots": {}}"#,
@@ -241,21 +560,32 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_save_leaves_the_table_as_it_was() {
+    fn a_corrupt_checkpoint_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE), b"{\"version\": 1, \"next_").unwrap();
+        let e = MetaFile::open(dir.path()).err().unwrap();
+        assert!(e.message.contains("corrupt"), "{e}");
+        assert!(e.message.contains("snapshots.json"), "{e}");
+    }
+
+    #[test]
+    fn a_failed_change_leaves_the_table_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         fs::create_dir(&state).unwrap();
         let mut m = MetaFile::open(&state).unwrap();
-        m.apply(|s| {
-            s.insert("kept".into(), record(1, Kind::Committed, None));
-        })
-        .unwrap();
+        m.apply(vec![put("kept", record(1, Kind::Committed, None))])
+            .unwrap();
+        // The checkpoint path fails (no directory): so does a change that must write one.
         fs::remove_dir_all(&state).unwrap();
+        let e = m.save().unwrap_err();
+        assert_eq!(e.code, Code::Internal, "{e}");
+        m.log_damaged = true;
         let e = m
-            .apply(|s| {
-                s.remove("kept");
-                s.insert("new".into(), record(2, Kind::Active, Some("kept")));
-            })
+            .apply(vec![
+                del("kept"),
+                put("new", record(2, Kind::Active, Some("kept"))),
+            ])
             .unwrap_err();
         assert_eq!(e.code, Code::Internal, "{e}");
         assert_eq!(m.table.snapshots.keys().collect::<Vec<_>>(), ["kept"]);
@@ -266,5 +596,64 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = MetaFile::open(dir.path()).unwrap();
         assert_eq!(m.get("nope").unwrap_err().code, Code::NotFound);
+    }
+}
+/// The cost of one change against the number of snapshots, for `scripts/bench/containerd-meta`
+/// (ignored in normal runs: it times, it does not test). Prints one TSV row per table size:
+/// snapshots, microseconds per logged change, microseconds per whole-table rewrite (what
+/// every change cost before the log).
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn bench_change_cost() {
+        let dir = std::env::var("HPM_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+        let rec = |i: u64| Record {
+            id: i,
+            kind: Kind::Committed,
+            parent: Some(format!("default/{i}/sha256:{}", "a".repeat(64))),
+            created_ns: 1_700_000_000_000_000_000,
+            updated_ns: 1_700_000_000_000_000_000,
+            labels: Labels::from([
+                (
+                    "containerd.io/snapshot.ref".into(),
+                    format!("sha256:{}", "b".repeat(64)),
+                ),
+                (
+                    "containerd.io/snapshot/cri.layer-digest".into(),
+                    format!("sha256:{}", "c".repeat(64)),
+                ),
+            ]),
+            usage: Some(1 << 20),
+        };
+        for n in [10u64, 100, 1000, 5000] {
+            let dir = tempfile::tempdir_in(&dir).unwrap();
+            let mut m = MetaFile::open(dir.path()).unwrap();
+            for i in 0..n {
+                let key = format!("default/{i}/sha256:{}", "d".repeat(64));
+                m.table.snapshots.insert(key, rec(i));
+            }
+            m.save().unwrap();
+            let changes = 400;
+            let t = std::time::Instant::now();
+            for i in 0..changes {
+                let key = format!("new/{i}");
+                m.apply(vec![Op::Put {
+                    key,
+                    record: rec(i),
+                }])
+                .unwrap();
+            }
+            let logged = t.elapsed().as_secs_f64() * 1e6 / changes as f64;
+            let rewrites = 40;
+            let t = std::time::Instant::now();
+            for _ in 0..rewrites {
+                m.save().unwrap();
+            }
+            let whole = t.elapsed().as_secs_f64() * 1e6 / rewrites as f64;
+            println!("BENCH\t{n}\t{logged:.0}\t{whole:.0}");
+        }
     }
 }

@@ -37,7 +37,7 @@ use hpm_layers::{BlockDevices, LayerStore, Layout, StoreOptions};
 use parking_lot::Mutex;
 
 use crate::{Code, Error, Info, Kind, Labels, Mount, Result, Snapshotter, Usage};
-use meta::{now_ns, MetaFile, Record};
+use meta::{now_ns, MetaFile, Op, Record};
 
 /// The pool device-name prefix of containerd's snapshots.
 pub const NAMESPACE: &str = "containerd/";
@@ -257,9 +257,10 @@ impl BlockSnapshotter {
                 usage: None,
             };
             st.file
-                .apply(|s| {
-                    s.insert(key.to_string(), record);
-                })
+                .apply(vec![Op::Put {
+                    key: key.to_string(),
+                    record,
+                }])
                 .map(|()| block)
         });
         match recorded {
@@ -312,9 +313,10 @@ impl Snapshotter for BlockSnapshotter {
         new.labels = labels;
         new.updated_ns = now_ns();
         let info = new.info(key);
-        st.file.apply(|s| {
-            s.insert(key.to_string(), new);
-        })?;
+        st.file.apply(vec![Op::Put {
+            key: key.to_string(),
+            record: new,
+        }])?;
         Ok(info)
     }
 
@@ -394,10 +396,15 @@ impl Snapshotter for BlockSnapshotter {
             usage: Some(usage),
             ..r
         };
-        st.file.apply(|s| {
-            s.remove(key);
-            s.insert(name.to_string(), committed);
-        })?;
+        st.file.apply(vec![
+            Op::Del {
+                key: key.to_string(),
+            },
+            Op::Put {
+                key: name.to_string(),
+                record: committed,
+            },
+        ])?;
         tracing::info!(key, name, layer, usage, "snapshot committed");
         Ok(())
     }
@@ -423,9 +430,9 @@ impl Snapshotter for BlockSnapshotter {
                 format!("cannot remove {key:?}: {e}; unmount it first"),
             )
         })?;
-        st.file.apply(|s| {
-            s.remove(key);
-        })?;
+        st.file.apply(vec![Op::Del {
+            key: key.to_string(),
+        }])?;
         drop(st);
         // Forgotten durably: a failure here leaves a layer that `cleanup` removes.
         if let Err(e) = self.store.remove(&layer) {
