@@ -154,19 +154,39 @@ impl MetaFile {
             Err(e) => return Err(io(format!("reading {}", path.display()), e)),
         };
         let log_len = replay(&log_path, &mut table)?;
+        if table.version == 1 && log_len > 0 {
+            // Version 1 never had a log: this checkpoint is older than the log (restored
+            // from a copy, or written by an older hpmapper after this one), and replaying
+            // the log over it would bring back what it no longer holds.
+            return Err(Error::new(
+                Code::Internal,
+                format!(
+                    "the snapshot metadata {} is version 1 but {} holds changes: the two do not belong together; restore both from one copy, or move both away to start with no containerd snapshots",
+                    path.display(),
+                    log_path.display()
+                ),
+            ));
+        }
+        let created = !log_path.exists();
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .map_err(|e| io(format!("opening {}", log_path.display()), e))?;
+        if created {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io(format!("creating {}", log_path.display()), e))?;
+        }
         // Whatever followed the last whole line was a torn append: cut it off for good.
         if log.metadata().map(|m| m.len()).unwrap_or(0) != log_len {
             log.set_len(log_len)
                 .and_then(|()| log.sync_all())
                 .map_err(|e| io(format!("cutting the torn end of {}", log_path.display()), e))?;
         }
+        let upgrade = checkpoint_len == 0 || table.version != VERSION;
         table.version = VERSION;
-        Ok(Self {
+        let mut m = Self {
             path,
             log_path,
             log,
@@ -174,7 +194,13 @@ impl MetaFile {
             checkpoint_len,
             log_damaged: false,
             table,
-        })
+        };
+        // A version 2 checkpoint before any change goes to the log: an older hpmapper then
+        // refuses the files rather than read an empty or stale table and miss the log.
+        if upgrade {
+            m.save()?;
+        }
+        Ok(m)
     }
 
     /// Writes the whole table as a new checkpoint, durably, then empties the log: on return
@@ -184,7 +210,29 @@ impl MetaFile {
         self.write_checkpoint(&table)
     }
 
+    /// Replaces the checkpoint with `table` and empties the log. Until all of it has
+    /// succeeded the log counts as damaged: a failure after the rename leaves a checkpoint
+    /// whose `seq` memory has not reached, so the next change must be a checkpoint too
+    /// (appending it would reuse that `seq`, and the next open would skip it).
     fn write_checkpoint(&mut self, table: &Table) -> Result<()> {
+        self.log_damaged = true;
+        self.checkpoint_len = self.write_table(table)?;
+        // The checkpoint holds every line (its `seq` says so): a crash before the log is
+        // emptied only leaves lines that the next open skips.
+        if self.log_len > 0 {
+            self.log
+                .set_len(0)
+                .and_then(|()| self.log.sync_all())
+                .map_err(|e| io(format!("emptying {}", self.log_path.display()), e))?;
+            self.log_len = 0;
+        }
+        self.log_damaged = false;
+        Ok(())
+    }
+
+    /// Writes `table` as the checkpoint, durably (temporary file, fsync, rename, directory
+    /// fsync); returns its length.
+    fn write_table(&self, table: &Table) -> Result<u64> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(table)
@@ -197,16 +245,7 @@ impl MetaFile {
             File::open(dir)?.sync_all()
         };
         write().map_err(|e| io(format!("writing {}", self.path.display()), e))?;
-        self.checkpoint_len = bytes.len() as u64;
-        // The checkpoint holds every line (its `seq` says so): a crash before the log is
-        // emptied only leaves lines that the next open skips.
-        self.log
-            .set_len(0)
-            .and_then(|()| self.log.sync_all())
-            .map_err(|e| io(format!("emptying {}", self.log_path.display()), e))?;
-        self.log_len = 0;
-        self.log_damaged = false;
-        Ok(())
+        Ok(bytes.len() as u64)
     }
 
     /// Makes `ops` (the changes of one operation) durable and then applies them to the
@@ -414,8 +453,12 @@ mod tests {
             .unwrap();
         m.apply(vec![put(k2, record(2, Kind::Active, Some(k1)))])
             .unwrap();
-        // Changes go to the log, not to a rewritten checkpoint.
-        assert!(!dir.path().join(FILE).exists());
+        // Changes go to the log, not to a rewritten checkpoint (the one written at open,
+        // empty, stays).
+        let empty = fs::read(dir.path().join(FILE)).unwrap();
+        assert!(String::from_utf8_lossy(&empty).contains("\"version\": 2"));
+        m.apply(vec![del("none")]).unwrap();
+        assert_eq!(fs::read(dir.path().join(FILE)).unwrap(), empty);
         assert!(log_len(dir.path()) > 0);
         let again = MetaFile::open(dir.path()).unwrap();
         assert_eq!(again.table.next_id, 3);
@@ -545,11 +588,20 @@ mod tests {
         let mut m = MetaFile::open(dir.path()).unwrap();
         assert_eq!(m.table.next_id, 5);
         assert_eq!(m.get("x").unwrap().id, 4);
+        // Rewritten as version 2 at once, before any change is logged: an older hpmapper
+        // refuses it rather than miss the log.
+        let now: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join(FILE)).unwrap()).unwrap();
+        assert_eq!(now["version"], 2);
         m.apply(vec![del("x")]).unwrap();
         drop(m);
         let m = MetaFile::open(dir.path()).unwrap();
         assert!(m.table.snapshots.is_empty());
         drop(m);
+        // A version 1 checkpoint beside a log with changes (a restored copy): refused.
+        fs::write(dir.path().join(FILE), v1.to_string()).unwrap();
+        let e = MetaFile::open(dir.path()).err().unwrap();
+        assert!(e.message.contains("version 1 but"), "{e}");
         fs::write(
             dir.path().join(FILE),
             br#"{"version": 9, "next_id": 1, "snapshots": {}}"#,
@@ -650,7 +702,7 @@ mod bench {
             let rewrites = 40;
             let t = std::time::Instant::now();
             for _ in 0..rewrites {
-                m.save().unwrap();
+                m.write_table(&m.table).unwrap();
             }
             let whole = t.elapsed().as_secs_f64() * 1e6 / rewrites as f64;
             println!("BENCH\t{n}\t{logged:.0}\t{whole:.0}");
