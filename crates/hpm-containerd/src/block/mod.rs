@@ -189,6 +189,31 @@ impl BlockSnapshotter {
         Ok(())
     }
 
+    /// Detaches `layer` (of snapshot `key`) for `what` (commit, remove), with the state
+    /// lock free: refused while a client still has it mounted.
+    fn unexport(&self, layer: &str, what: &str, key: &str) -> Result<()> {
+        self.store.unexport(layer).map_err(|e| {
+            Error::new(
+                Code::FailedPrecondition,
+                format!("cannot {what} {key:?}: {e}; unmount it first"),
+            )
+        })
+    }
+
+    /// With the state lock held again after [`Self::unexport`]: `key` must still be the
+    /// snapshot of `layer`, and nobody may have asked for its mounts meanwhile.
+    fn still_unexported(&self, r: &Record, layer: &str, what: &str, key: &str) -> Result<()> {
+        if r.layer() != layer || self.store.exported(layer).is_some() {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                format!(
+                    "cannot {what} {key:?}: it was changed or mounted again meanwhile; try again"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Prepare and View: a new snapshot `key` of `kind` on `parent`.
     fn create(
         &self,
@@ -357,31 +382,32 @@ impl Snapshotter for BlockSnapshotter {
 
     fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<()> {
         check_key(name)?;
-        let mut st = self.state.lock();
-        let r = st.file.get(key)?.clone();
-        if r.kind != Kind::Active {
-            return Err(Error::new(
-                Code::FailedPrecondition,
-                format!(
-                    "snapshot {key:?} is {}, only an active snapshot can be committed",
-                    r.kind.as_str()
-                ),
-            ));
-        }
-        if st.taken(name) {
-            return Err(Error::new(
-                Code::AlreadyExists,
-                format!("snapshot {name:?} already exists"),
-            ));
-        }
-        let layer = r.layer();
+        let check = |st: &State| -> Result<Record> {
+            let r = st.file.get(key)?.clone();
+            if r.kind != Kind::Active {
+                return Err(Error::new(
+                    Code::FailedPrecondition,
+                    format!(
+                        "snapshot {key:?} is {}, only an active snapshot can be committed",
+                        r.kind.as_str()
+                    ),
+                ));
+            }
+            if st.taken(name) {
+                return Err(Error::new(
+                    Code::AlreadyExists,
+                    format!("snapshot {name:?} already exists"),
+                ));
+            }
+            Ok(r)
+        };
+        let layer = check(&self.state.lock())?.layer();
         // Detach first: a committed snapshot must not change, so it must not stay writable.
-        self.store.unexport(&layer).map_err(|e| {
-            Error::new(
-                Code::FailedPrecondition,
-                format!("cannot commit {key:?}: {e}; unmount it first"),
-            )
-        })?;
+        // Without the state lock: the detach may wait seconds for a client's unmount.
+        self.unexport(&layer, "commit", key)?;
+        let mut st = self.state.lock();
+        let r = check(&st)?;
+        self.still_unexported(&r, &layer, "commit", key)?;
         let usage = self
             .store
             .info(&layer)
@@ -410,26 +436,26 @@ impl Snapshotter for BlockSnapshotter {
     }
 
     fn remove(&self, key: &str) -> Result<()> {
+        let check = |st: &State| -> Result<Record> {
+            let r = st.file.get(key)?.clone();
+            let children = st.children(key);
+            if !children.is_empty() {
+                return Err(Error::new(
+                    Code::FailedPrecondition,
+                    format!(
+                        "snapshot {key:?} has {} children (e.g. {:?}); remove them first",
+                        children.len(),
+                        children[0]
+                    ),
+                ));
+            }
+            Ok(r)
+        };
+        let layer = check(&self.state.lock())?.layer();
+        self.unexport(&layer, "remove", key)?;
         let mut st = self.state.lock();
-        let r = st.file.get(key)?.clone();
-        let children = st.children(key);
-        if !children.is_empty() {
-            return Err(Error::new(
-                Code::FailedPrecondition,
-                format!(
-                    "snapshot {key:?} has {} children (e.g. {:?}); remove them first",
-                    children.len(),
-                    children[0]
-                ),
-            ));
-        }
-        let layer = r.layer();
-        self.store.unexport(&layer).map_err(|e| {
-            Error::new(
-                Code::FailedPrecondition,
-                format!("cannot remove {key:?}: {e}; unmount it first"),
-            )
-        })?;
+        let r = check(&st)?;
+        self.still_unexported(&r, &layer, "remove", key)?;
         st.file.apply(vec![Op::Del {
             key: key.to_string(),
         }])?;
