@@ -240,6 +240,9 @@ impl LayerStore {
                 // that filesystem goes. Wait for that; refuse rather than snapshot it early.
                 self.release_lingering(p, &self.names.device(p))
                     .map_err(|e| {
+                        if e.kind() != ErrorKind::Busy {
+                            return e;
+                        }
                         Error::new(
                             ErrorKind::Busy,
                             format!("cannot make layer {id:?} from layer {p:?} yet: {e}"),

@@ -257,11 +257,12 @@ impl Daemon {
                 return Err(e).with_context(|| format!("opening {path} to detach it"));
             }
         };
-        a.dev
-            .detach()
-            .with_context(|| format!("detaching the loop device of {name:?}"))?;
+        let detached = a.dev.detach();
+        // Our last close tears the device down (it was attached with autoclear), even if
+        // the ioctl failed; the FUSE file goes once the kernel has let go of it.
         drop(claimed);
         self.unexport(name);
+        detached.with_context(|| format!("detaching the loop device of {name:?}"))?;
         tracing::info!(device = name, "detached");
         Ok(())
     }
