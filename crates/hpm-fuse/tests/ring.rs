@@ -213,6 +213,9 @@ fn rings_refused_after_init_remount_the_export_on_dev_fuse() {
     let _param = FuseUring::set(true).unwrap();
     // FUSE offers io_uring at INIT, then the kernel refuses to make rings at all (as a
     // hardened host may): the export is mounted again on /dev/fuse with all its threads.
+    // The sysctl is machine-wide, set only for the mount: the other tests of this binary
+    // (the only ones that make rings, cargo runs test binaries one at a time) wait on the
+    // lock meanwhile.
     let env = {
         let _off = IoUringDisabled::set("2");
         Env::exact(&FuseOptions {
