@@ -504,6 +504,15 @@ fn images_and_containers_survive_restarts() {
     assert_eq!(h.dockerd.ok(&new_container), BUILT_DATA);
 }
 
+/// Runs its command (best effort) when dropped.
+struct RemoveOnDrop(std::process::Command);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.output();
+    }
+}
+
 #[test]
 fn a_running_container_keeps_its_layer_across_a_live_restore_of_dockerd() {
     if !docker_requirements("live restore") {
@@ -520,6 +529,9 @@ fn a_running_container_keeps_its_layer_across_a_live_restore_of_dockerd() {
     h.dockerd.ok(&[
         "run", "-d", "--name", "live", "bb:base", "sh", "-c", counter,
     ]);
+    // With live restore, stopping dockerd (the harness does on the way out) leaves the
+    // container running: if the test fails half way, remove it first.
+    let _remove = RemoveOnDrop(h.dockerd.command(&["rm", "-f", "live"]));
     let count = |h: &HpmDocker| -> u64 {
         let out = h.dockerd.ok(&["exec", "live", "cat", "/n"]);
         out.trim()
