@@ -96,6 +96,15 @@ impl Error {
         }
     }
 
+    /// A [`ErrorKind::Busy`] error says `what` before its own message; any other passes
+    /// through unchanged.
+    pub fn when_busy(self, what: impl FnOnce() -> String) -> Self {
+        if self.kind != ErrorKind::Busy {
+            return self;
+        }
+        Error::new(ErrorKind::Busy, format!("{}: {self}", what()))
+    }
+
     /// The kind.
     pub fn kind(&self) -> ErrorKind {
         self.kind

@@ -240,13 +240,7 @@ impl LayerStore {
                 // that filesystem goes. Wait for that; refuse rather than snapshot it early.
                 self.release_lingering(p, &self.names.device(p))
                     .map_err(|e| {
-                        if e.kind() != ErrorKind::Busy {
-                            return e;
-                        }
-                        Error::new(
-                            ErrorKind::Busy,
-                            format!("cannot make layer {id:?} from layer {p:?} yet: {e}"),
-                        )
+                        e.when_busy(|| format!("cannot make layer {id:?} from layer {p:?} yet"))
                     })?;
                 // A mounted parent is snapshotted as its disk holds it: flush it first.
                 if self.table.lock().mounted.contains_key(p) {

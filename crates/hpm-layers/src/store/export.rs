@@ -75,16 +75,12 @@ impl LayerStore {
         let device = self.names.device(id);
         // A client's unmount (the shim's, at container exit) may still be completing.
         self.detach_patiently(&device).map_err(|e| {
-            if e.kind() != ErrorKind::Busy {
-                return e;
-            }
-            Error::new(
-                ErrorKind::Busy,
+            e.when_busy(|| {
                 format!(
-                    "layer {id:?} is still in use as block device {} (mounted?): {e}",
+                    "layer {id:?} is still in use as block device {} (mounted?)",
                     block.display()
-                ),
-            )
+                )
+            })
         })?;
         self.table.lock().exported.remove(id);
         tracing::debug!(layer = id, "unexported");

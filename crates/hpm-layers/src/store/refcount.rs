@@ -335,13 +335,7 @@ impl LayerStore {
         };
         self.detach_patiently(device).map_err(|e| {
             self.table.lock().lingering.insert(id.to_string(), block);
-            if e.kind() != ErrorKind::Busy {
-                return e;
-            }
-            Error::new(
-                ErrorKind::Busy,
-                format!("layer {id:?} is unmounted but its filesystem is still in use (a process inside it, or another mount namespace holding it): {e}"),
-            )
+            e.when_busy(|| format!("layer {id:?} is unmounted but its filesystem is still in use (a process inside it, or another mount namespace holding it)"))
         })
     }
 }

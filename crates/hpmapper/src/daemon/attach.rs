@@ -244,17 +244,17 @@ impl Daemon {
         // The claim is held across the detach, so no mount can start between the check and
         // the ioctl (the kernel would then only mark the device to clear on its last close
         // and leave it mounted); our last close of it tears the device down.
+        let path = a.dev.path().display().to_string();
         let claimed = match claim(a.dev.path()) {
             Ok(Some(c)) => c,
-            Ok(None) => {
-                let path = a.dev.path().display().to_string();
+            refused => {
                 self.attachments.lock().insert(name.to_string(), a);
-                bail!("device {name:?} ({path}) is in use (mounted?); unmount it first");
-            }
-            Err(e) => {
-                let path = a.dev.path().display().to_string();
-                self.attachments.lock().insert(name.to_string(), a);
-                return Err(e).with_context(|| format!("opening {path} to detach it"));
+                return Err(match refused {
+                    Err(e) => anyhow::Error::new(e).context(format!("opening {path} to detach it")),
+                    Ok(_) => anyhow::anyhow!(
+                        "device {name:?} ({path}) is in use (mounted?); unmount it first"
+                    ),
+                });
             }
         };
         let detached = a.dev.detach();
