@@ -6,17 +6,17 @@ from reportlib import med, mr, sh
 raw, rounds, full, git, elapsed, active, skipped, bench_dir = sys.argv[1:9]
 halt_poll = sys.argv[9] if len(sys.argv) > 9 else "?"
 peers = active.split()
-cow, start, io = {}, {}, {}
+cow, start, start0, io = {}, {}, {}, {}
 for line in open(raw):
     f = line.rstrip("\n").split("\t")
     if f[0] == "cow":
         cow.setdefault((f[1], f[4], int(f[3])), []).append(float(f[5]))
-    elif f[0] == "start":
-        start.setdefault((f[1], int(f[3])), []).append(float(f[4]))
+    elif f[0] in ("start", "start0"):
+        (start if f[0] == "start" else start0).setdefault((f[1], int(f[3])), []).append(float(f[4]))
     elif f[0] == "io":
         io.setdefault((f[1], int(f[3])), []).append(int(f[4]))
 sizes = [s for s in ["4K", "64K", "1M", "16M", "256M", "1G"] if any(k[1] == s for k in cow)]
-ns = sorted({k[1] for k in start} | {k[1] for k in io})
+ns = sorted({k[1] for k in start} | {k[1] for k in start0} | {k[1] for k in io})
 yes = lambda b: "yes" if b else "**NOT met**"
 
 cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
@@ -146,6 +146,27 @@ if start:
                 print(f"| (the same, {variant}) | dm-like / {variant} = {med(start[('dm-like', 16)])/hd:.2f}x | {yes(med(start[('dm-like', 16)])/hd >= 2.0)} |")
             if ("overlay2", 16) in start:
                 print(f"| (the same, {variant}) | {variant} / overlay2 = {hd/med(start[('overlay2', 16)]):.2f}x | {yes(hd/med(start[('overlay2', 16)]) <= 1.3)} |")
+    print()
+
+if start0:
+    print("## 2b. Container startup without reads (experiment startup-empty: each container runs `true`)\n")
+    print("The same as experiment 2 (caches dropped, N `docker run -d` at once, until all have exited), but the "
+          "containers read nothing: the cost of creating, mounting and starting them alone. "
+          "Experiment 2's time minus this one's is roughly what reading the 100 MiB startup set costs.\n")
+    print("| N | " + " | ".join(peers) + " |")
+    print("|---|" + "---|" * len(peers))
+    for n in ns:
+        if any((p, n) in start0 for p in peers):
+            print(f"| {n} | " + " | ".join(mr(start0[(p, n)]) if (p, n) in start0 else "-" for p in peers) + " |")
+    if ("hpmapper", 16) in start0 and ("overlay2", 16) in start0:
+        line = (f"\nAt N = 16: hpmapper / overlay2 = "
+                f"{med(start0[('hpmapper', 16)]) / med(start0[('overlay2', 16)]):.2f}x without reads")
+        if ("hpmapper", 16) in start and ("overlay2", 16) in start:
+            dh = med(start[("hpmapper", 16)]) - med(start0[("hpmapper", 16)])
+            do = med(start[("overlay2", 16)]) - med(start0[("overlay2", 16)])
+            line += (f"; the reads add {dh:.2f} s to hpmapper's time and {do:.2f} s to overlay2's "
+                     "(differences of medians)")
+        print(line + ".")
     print()
 
 if io:

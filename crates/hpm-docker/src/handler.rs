@@ -180,7 +180,9 @@ async fn call(
             let id = required_id(endpoint, req.id)?;
             let parent = parent_of(req.parent);
             debug!(endpoint = endpoint.name(), %id, ?parent, "call");
-            call_on_layer(
+            let started = std::time::Instant::now();
+            let log_id = id.clone();
+            let result = call_on_layer(
                 driver,
                 endpoint,
                 id,
@@ -188,7 +190,15 @@ async fn call(
                 req.mount_label,
                 req.storage_opt,
             )
-            .await
+            .await;
+            debug!(
+                endpoint = endpoint.name(),
+                id = %log_id,
+                ok = result.is_ok(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "done"
+            );
+            result
         }
     }
 }

@@ -21,45 +21,18 @@
 
 use crate::progress;
 use crate::report::{ratios, Section, Summary, Target};
-use crate::setup::{create_pool, fill_device, label, pattern, rng, Config, BLOCK, KIB, MIB, R};
-use hpm_engine::{CacheConfig, CowGranularity, EngineStats, IoMode, Pool, PoolStorage};
-use hpm_io::{Backend, MemBackend};
+use crate::setup::{
+    create_pool, discarding_pool, fill_device, label, pattern, rng, Config, BLOCK, KIB, MIB, R,
+};
+use hpm_engine::{CacheConfig, CowGranularity, EngineStats, IoMode, Pool};
 use rand::Rng;
 use std::fs::File;
-use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 const BASE: u64 = 64 * MIB;
 
-/// A data store that keeps nothing: writes succeed at once, reads return zeros. With it a
-/// write costs only the engine's own work (plan, allocation, map update, journal records).
-struct Discard(AtomicU64);
-
-impl Backend for Discard {
-    fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
-        buf.fill(0);
-        Ok(())
-    }
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
-        Ok(())
-    }
-    fn sync(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn punch(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.0.load(Ordering::Relaxed))
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.store(len, Ordering::Relaxed);
-        Ok(())
-    }
-}
 /// Spacing of the raw peer's first writes: each lands in its own untouched region.
 const RAW_STRIDE: u64 = 512 * KIB;
 
@@ -274,16 +247,7 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
     {
         let l = "block 512K, discarding data store (engine work only)".to_string();
         progress!("cow: building pool {l}: metadata in memory, data dropped");
-        let storage = PoolStorage {
-            superblock: Box::new(MemBackend::new()),
-            meta: [Box::new(MemBackend::new()), Box::new(MemBackend::new())],
-            data: Box::new(Discard(AtomicU64::new(0))),
-        };
-        let opts = hpm_engine::PoolOptions {
-            chunk_size: 512 * KIB,
-            ..hpm_engine::PoolOptions::default()
-        };
-        let p = Pool::create_on(storage, &opts, 512 * MIB, String::new(), None)?;
+        let p = discarding_pool(512 * KIB, 512 * MIB)?;
         add_base(&p, &fill)?;
         subjects.push(Subject::Pool(p));
         labels.push(l);

@@ -4,12 +4,15 @@
 //! It must never time anything: timing belongs to the experiments, so each one shows what is
 //! inside its timed region.
 
-use hpm_engine::{CacheConfig, CowGranularity, Device, Pool, PoolOptions};
+use hpm_engine::{CacheConfig, CowGranularity, Device, Pool, PoolOptions, PoolStorage};
+use hpm_io::{Backend, MemBackend};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub type R<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -69,6 +72,54 @@ pub fn create_pool_with(
         ..PoolOptions::default()
     };
     Ok(Pool::create(dir, &opts)?)
+}
+
+/// A data store that keeps nothing: writes succeed at once, reads return zeros. With it an
+/// operation costs only the engine's own work (plan, allocation, map lookup and update,
+/// journal records), with no data I/O.
+pub struct Discard(AtomicU64);
+
+impl Backend for Discard {
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn punch(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.load(Ordering::Relaxed))
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.store(len, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A block-granularity pool with metadata in memory and a [`Discard`] data store.
+pub fn discarding_pool(chunk: u64, capacity: u64) -> R<Pool> {
+    let storage = PoolStorage {
+        superblock: Box::new(MemBackend::new()),
+        meta: [Box::new(MemBackend::new()), Box::new(MemBackend::new())],
+        data: Box::new(Discard(AtomicU64::new(0))),
+    };
+    let opts = PoolOptions {
+        chunk_size: chunk,
+        ..PoolOptions::default()
+    };
+    Ok(Pool::create_on(
+        storage,
+        &opts,
+        capacity,
+        String::new(),
+        None,
+    )?)
 }
 
 /// The default cache, described for the report.
