@@ -304,6 +304,24 @@ impl BlockCache {
         }
     }
 
+    /// If physical block `p` is cached for device `dev`, counts a hit and hands out its
+    /// contents (immutable: a later write replaces the entry's buffer while any reader holds
+    /// it); otherwise touches nothing. The hit path of a small read that keeps the block in
+    /// the cache (see [`crate::Device::read_pieces`]).
+    pub(crate) fn get(&self, dev: u32, p: u64) -> Option<Arc<[u8]>> {
+        let key = (self.owner(dev), p);
+        let mut sh = self.shards[shard_of(p)].lock();
+        match sh.map.get_mut(&key) {
+            Some(Slot::Ready(e)) => {
+                let data = e.data.clone();
+                self.hit(e, dev);
+                self.hit_done(&mut sh, key);
+                Some(data)
+            }
+            _ => None,
+        }
+    }
+
     /// Reads physical blocks `p0..p0 + out.len()/4096` into `out` for device `dev`;
     /// `sharers[i]` is how many devices map block i (a hint for eviction). Returns the bytes
     /// read from the backend.
@@ -315,6 +333,35 @@ impl BlockCache {
         sharers: &[u32],
         backend: &dyn Backend,
     ) -> io::Result<u64> {
+        self.read_into(dev, p0, out, sharers, backend, None)
+    }
+
+    /// [`BlockCache::read`], except that a block found cached, or read by another thread
+    /// meanwhile, is handed out in `held[i]` (one slot per block) instead of being copied
+    /// into `out`, whose block i is then left as it was; the blocks this call reads from the
+    /// backend are in `out`, and their `held` slots stay `None`.
+    pub(crate) fn read_held(
+        &self,
+        dev: u32,
+        p0: u64,
+        out: &mut [u8],
+        sharers: &[u32],
+        backend: &dyn Backend,
+        held: &mut [Option<Arc<[u8]>>],
+    ) -> io::Result<u64> {
+        debug_assert_eq!(held.len(), out.len() / B);
+        self.read_into(dev, p0, out, sharers, backend, Some(held))
+    }
+
+    fn read_into(
+        &self,
+        dev: u32,
+        p0: u64,
+        out: &mut [u8],
+        sharers: &[u32],
+        backend: &dyn Backend,
+        mut held: Option<&mut [Option<Arc<[u8]>>]>,
+    ) -> io::Result<u64> {
         let n = out.len() / B;
         debug_assert_eq!(out.len() % B, 0);
         let owner = self.owner(dev);
@@ -325,7 +372,10 @@ impl BlockCache {
             let mut sh = self.shards[shard_of(key.1)].lock();
             match sh.map.get_mut(&key) {
                 Some(Slot::Ready(e)) => {
-                    out[i * B..(i + 1) * B].copy_from_slice(&e.data);
+                    match held.as_deref_mut() {
+                        Some(h) => h[i] = Some(e.data.clone()),
+                        None => out[i * B..(i + 1) * B].copy_from_slice(&e.data),
+                    }
                     self.hit(e, dev);
                     self.hit_done(&mut sh, key);
                 }
@@ -398,8 +448,11 @@ impl BlockCache {
             let data = f.wait().map_err(|e| {
                 io::Error::other(format!("a concurrent read of the same block failed: {e}"))
             })?;
-            out[i * B..(i + 1) * B].copy_from_slice(&data);
             self.note_reader((owner, p0 + i as u64), dev);
+            match held.as_deref_mut() {
+                Some(h) => h[i] = Some(data),
+                None => out[i * B..(i + 1) * B].copy_from_slice(&data),
+            }
         }
         Ok(read_bytes)
     }

@@ -61,6 +61,63 @@ impl ReadRun {
     }
 }
 
+/// Where one part of a read's result is: see [`Device::read_pieces`].
+#[derive(Debug, Clone)]
+pub enum ReadPiece {
+    /// `len` bytes at `start` of the caller's buffer.
+    Buf {
+        /// Offset in the buffer.
+        start: usize,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// `len` bytes at `start` of a 4 KiB block held by the pool's block cache. The bytes
+    /// never change: a write to the block gives the cache a new buffer while this one is
+    /// held.
+    Cached {
+        /// The cached block.
+        data: Arc<[u8]>,
+        /// Offset in the block.
+        start: usize,
+        /// Length in bytes.
+        len: usize,
+    },
+}
+
+impl ReadPiece {
+    /// The piece's bytes, given the buffer the read filled.
+    pub fn bytes<'a>(&'a self, buf: &'a [u8]) -> &'a [u8] {
+        match self {
+            ReadPiece::Buf { start, len } => &buf[*start..*start + *len],
+            ReadPiece::Cached { data, start, len } => &data[*start..*start + *len],
+        }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            ReadPiece::Buf { len, .. } | ReadPiece::Cached { len, .. } => *len,
+        }
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Appends `len` bytes of the caller's buffer at `start`, merged into the last piece when
+/// that one ends there.
+fn push_buf(pieces: &mut Vec<ReadPiece>, start: usize, len: usize) {
+    if let Some(ReadPiece::Buf { start: s, len: l }) = pieces.last_mut() {
+        if *s + *l == start {
+            *l += len;
+            return;
+        }
+    }
+    pieces.push(ReadPiece::Buf { start, len });
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Op {
     vblock: u64,
@@ -183,6 +240,26 @@ impl Device {
     /// Reads `buf.len()` bytes at `off`. Unmapped blocks read as zeros without backend I/O;
     /// mapped ones go through the pool's block cache (when on).
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.read_impl(buf, off, None)
+    }
+
+    /// Reads as [`Device::read_at`] does, except that the blocks the pool's block cache holds
+    /// may stay there: `pieces` (cleared first) lists, in order, where each part of the
+    /// result is, in `buf` or in a cached block, and together they are the bytes `read_at`
+    /// would have put in `buf` (the parts of `buf` not listed are left as they were). A reply
+    /// written out with one `writev` over the pieces then copies a block shared by many
+    /// devices once, from the cache, instead of twice.
+    pub fn read_pieces(&self, buf: &mut [u8], off: u64, pieces: &mut Vec<ReadPiece>) -> Result<()> {
+        pieces.clear();
+        self.read_impl(buf, off, Some(pieces))
+    }
+
+    fn read_impl(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+        mut pieces: Option<&mut Vec<ReadPiece>>,
+    ) -> Result<()> {
         let inner = &*self.inner;
         if buf.is_empty() {
             return Ok(());
@@ -223,14 +300,32 @@ impl Device {
                     st.add(&BACKEND_READS, 1);
                     st.add(&BACKEND_READ_BYTES, len);
                 }
-                Some(p) if inner.cache.read_cached(self.id, p, from, buf) => {}
-                Some(_) => return self.read_planned(buf, off, first, last, st),
+                Some(p) => match pieces.as_deref_mut() {
+                    Some(pieces) => match inner.cache.get(self.id, p) {
+                        Some(data) => {
+                            pieces.push(ReadPiece::Cached {
+                                data,
+                                start: from,
+                                len: buf.len(),
+                            });
+                            st.add(&READS, 1);
+                            st.add(&READ_BYTES, len);
+                            return Ok(());
+                        }
+                        None => return self.read_planned(buf, off, first, last, st, Some(pieces)),
+                    },
+                    None if inner.cache.read_cached(self.id, p, from, buf) => {}
+                    None => return self.read_planned(buf, off, first, last, st, None),
+                },
+            }
+            if let Some(pieces) = pieces {
+                push_buf(pieces, 0, buf.len());
             }
             st.add(&READS, 1);
             st.add(&READ_BYTES, len);
             return Ok(());
         }
-        self.read_planned(buf, off, first, last, st)
+        self.read_planned(buf, off, first, last, st, pieces)
     }
 
     /// This device's state in `st`, once `off..off + len` is checked to lie within it.
@@ -257,6 +352,7 @@ impl Device {
         first: u64,
         last: u64,
         st: &Counters,
+        mut pieces: Option<&mut Vec<ReadPiece>>,
     ) -> Result<()> {
         let inner = &*self.inner;
         let len = buf.len() as u64;
@@ -292,7 +388,39 @@ impl Device {
         let err = |e| self.read_error(off, e);
         for ReadRun { b0, n, p0, cached } in runs {
             let (s, e) = (off.max(b0 * B), (off + len).min((b0 + n) * B));
-            let dst = &mut buf[(s - off) as usize..(e - off) as usize];
+            let at = (s - off) as usize;
+            let dst = &mut buf[at..(e - off) as usize];
+            let aligned = s == b0 * B && e == (b0 + n) * B;
+            if let (Some(p0), true, true, Some(pieces)) =
+                (p0, cached, aligned, pieces.as_deref_mut())
+            {
+                // Blocks the cache holds stay there; the ones read now land in `dst`.
+                let hint = &sharers[(b0 - first) as usize..(b0 - first + n) as usize];
+                let mut held: SmallVec<[Option<Arc<[u8]>>; 16]> = SmallVec::new();
+                held.resize(n as usize, None);
+                let bytes = inner
+                    .cache
+                    .read_held(self.id, p0, dst, hint, &inner.data, &mut held)
+                    .map_err(err)?;
+                if bytes > 0 {
+                    st.add(&BACKEND_READS, 1);
+                    st.add(&BACKEND_READ_BYTES, bytes);
+                }
+                for (i, h) in held.into_iter().enumerate() {
+                    match h {
+                        Some(data) => pieces.push(ReadPiece::Cached {
+                            data,
+                            start: 0,
+                            len: B as usize,
+                        }),
+                        None => push_buf(pieces, at + i * B as usize, B as usize),
+                    }
+                }
+                continue;
+            }
+            if let Some(pieces) = pieces.as_deref_mut() {
+                push_buf(pieces, at, dst.len());
+            }
             match (p0, cached.then_some(&inner.cache)) {
                 (None, _) => {
                     dst.fill(0);
@@ -308,7 +436,6 @@ impl Device {
                 }
                 (Some(p0), Some(cache)) => {
                     let hint = &sharers[(b0 - first) as usize..(b0 - first + n) as usize];
-                    let aligned = s == b0 * B && e == (b0 + n) * B;
                     let read = if aligned {
                         cache.read(self.id, p0, dst, hint, &inner.data)
                     } else {

@@ -20,7 +20,7 @@ mod store;
 
 pub use cache::{CacheConfig, CacheMode, CachePolicy, CacheStats, DEFAULT_CACHE_SIZE};
 pub use check::{check, check_storage, CheckReport};
-pub use device::Device;
+pub use device::{Device, ReadPiece};
 pub use error::{Error, ErrorKind, Result};
 /// How the data store is read and written; see [`Pool::open_with_io`].
 pub use hpm_io::IoMode;

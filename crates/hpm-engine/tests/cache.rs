@@ -127,3 +127,125 @@ fn cached_blocks_follow_cow_overwrite_discard_and_reuse() {
     c.read_at(&mut big, 0).unwrap();
     assert!(big == pattern(4, 2 << 20));
 }
+
+/// What `read_pieces` returns, gathered into one buffer.
+fn gathered(d: &hpm_engine::Device, len: usize, off: u64) -> Vec<u8> {
+    let mut buf = vec![0xa5u8; len];
+    let mut pieces = Vec::new();
+    d.read_pieces(&mut buf, off, &mut pieces).unwrap();
+    assert_eq!(
+        pieces.iter().map(|p| p.len()).sum::<usize>(),
+        len,
+        "the pieces cover the read"
+    );
+    pieces.iter().flat_map(|p| p.bytes(&buf).to_vec()).collect()
+}
+
+#[test]
+fn read_pieces_returns_what_read_at_does_cached_or_not() {
+    use rand::{Rng, SeedableRng};
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 16 << 20);
+    pool.create_device("image", SIZE).unwrap();
+    let img = pool.open_device("image").unwrap();
+    // Mapped and unmapped regions: every other 256 KiB.
+    for off in (0..SIZE).step_by(512 << 10) {
+        img.write_at(&pattern(off, 256 << 10), off).unwrap();
+    }
+    pool.snapshot("image", "c", false).unwrap();
+    let c = pool.open_device("c").unwrap();
+    // Private blocks in the clone: copy-on-write, some unaligned.
+    c.write_at(&pattern(9, 10_000), 100_000).unwrap();
+    c.write_at(&pattern(8, 4096), 1 << 20).unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    let mut want = vec![0u8; 1 << 20];
+    let mut cached_pieces = 0;
+    for round in 0..400 {
+        let d = if round % 3 == 0 { &img } else { &c };
+        let len = match round % 4 {
+            0 => 4096,
+            1 => rng.random_range(1..9000),
+            _ => rng.random_range(1..=(1 << 20)),
+        };
+        let off = if round % 2 == 0 {
+            rng.random_range(0..(SIZE - len as u64) / 4096) * 4096
+        } else {
+            rng.random_range(0..=SIZE - len as u64)
+        };
+        d.read_at(&mut want[..len], off).unwrap();
+        assert!(
+            gathered(d, len, off) == want[..len],
+            "read of {len} bytes at {off} differs (round {round})"
+        );
+        let mut buf = vec![0u8; len];
+        let mut pieces = Vec::new();
+        d.read_pieces(&mut buf, off, &mut pieces).unwrap();
+        cached_pieces += pieces
+            .iter()
+            .filter(|p| matches!(p, hpm_engine::ReadPiece::Cached { .. }))
+            .count();
+    }
+    assert!(
+        cached_pieces > 0,
+        "shared blocks were served from the cache"
+    );
+}
+
+#[test]
+fn a_held_cached_block_keeps_its_bytes_through_a_later_write() {
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 16 << 20);
+    pool.create_device("image", 1 << 20).unwrap();
+    let img = pool.open_device("image").unwrap();
+    img.write_at(&pattern(1, 1 << 20), 0).unwrap();
+    pool.snapshot("image", "c", false).unwrap();
+    let c = pool.open_device("c").unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    c.read_at(&mut buf, 0).unwrap(); // cached now
+    let mut pieces = Vec::new();
+    c.read_pieces(&mut buf, 0, &mut pieces).unwrap();
+    assert!(pieces
+        .iter()
+        .all(|p| matches!(p, hpm_engine::ReadPiece::Cached { .. })));
+    let before: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(&buf).to_vec()).collect();
+    // Writes to the origin's blocks (shared: each a copy-on-write) and to the clone's.
+    img.write_at(&pattern(2, 1 << 20), 0).unwrap();
+    c.write_at(&pattern(3, 1 << 20), 0).unwrap();
+    let after: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(&buf).to_vec()).collect();
+    assert!(before == after, "a held piece never changes");
+    assert!(before == pattern(1, 1 << 20));
+    drop(pieces);
+    assert!(gathered(&c, 1 << 20, 0) == pattern(3, 1 << 20));
+    assert!(gathered(&img, 1 << 20, 0) == pattern(2, 1 << 20));
+}
+
+#[test]
+fn clones_reading_one_image_at_once_through_pieces_read_the_disk_once() {
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 64 << 20);
+    pool.create_device("image", SIZE).unwrap();
+    let image = pattern(7, SIZE as usize);
+    pool.open_device("image")
+        .unwrap()
+        .write_at(&image, 0)
+        .unwrap();
+    let n = 8;
+    for k in 0..n {
+        pool.snapshot("image", &format!("c{k}"), false).unwrap();
+    }
+    let before = pool.cache_stats().backend_read_bytes;
+    let hs: Vec<_> = (0..n)
+        .map(|k| {
+            let (pool, image) = (pool.clone(), image.clone());
+            thread::spawn(move || {
+                let d = pool.open_device(&format!("c{k}")).unwrap();
+                for off in (0..SIZE).step_by(256 << 10) {
+                    let got = gathered(&d, 256 << 10, off);
+                    assert!(got[..] == image[off as usize..off as usize + got.len()]);
+                }
+            })
+        })
+        .collect();
+    hs.into_iter().for_each(|h| h.join().unwrap());
+    assert_eq!(pool.cache_stats().backend_read_bytes - before, SIZE);
+}

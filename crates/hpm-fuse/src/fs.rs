@@ -334,6 +334,28 @@ impl DeviceFs {
         }
     }
 
+    /// [`Self::read_fill`] through `Device::read_pieces`: `pieces` say where the bytes are,
+    /// in `buf` or in the pool's block cache.
+    pub(crate) fn read_pieces(
+        &self,
+        e: &Entry,
+        buf: &mut [u8],
+        offset: u64,
+        pieces: &mut Vec<hpm_engine::ReadPiece>,
+    ) -> Result<(), Errno> {
+        pieces.clear();
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match e.device.read_pieces(buf, offset, pieces) {
+            Ok(()) => {
+                self.count(&self.shared.counters.read_bytes, buf.len() as u64);
+                Ok(())
+            }
+            Err(err) => Err(self.failed("read", e, offset, &err)),
+        }
+    }
+
     /// Writes `data` at `offset`, cut at the device's end: the bytes written.
     pub(crate) fn write_data(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
         self.request();

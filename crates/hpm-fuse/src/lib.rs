@@ -33,11 +33,13 @@
 //! the last one is closed and then end by themselves. If the process exits meanwhile, every
 //! loop device and mount on top gets I/O errors, so detach loop devices first.
 
+mod dev;
 mod fs;
 mod name;
 mod ring;
 mod stats;
 mod table;
+mod wire;
 
 pub use name::{device_name, file_name};
 pub use stats::FuseStats;
@@ -177,6 +179,7 @@ impl FuseExport {
         let shared = Arc::new(Shared::new(mountpoint.to_path_buf()));
         let fs = fs::DeviceFs::new(shared.clone(), opts.max_write, ring_queues.is_some());
         let ring_fs = fs.clone();
+        let fs_dev = fs.clone();
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             fuser::MountOption::FSName(opts.fs_name.clone()),
@@ -191,12 +194,10 @@ impl FuseExport {
         } else {
             fuser::SessionACL::Owner
         };
-        // With io_uring, only FORGET and INTERRUPT still come through /dev/fuse.
-        config.n_threads = Some(match ring_queues {
-            Some(_) => 1,
-            None => opts.threads.max(1),
-        });
-        config.clone_fd = true;
+        // With io_uring, only FORGET and INTERRUPT still come through /dev/fuse, read by
+        // fuser's one thread; without, fuser only mounts and answers INIT, and our own
+        // workers (`dev`) read /dev/fuse.
+        config.n_threads = Some(1);
         // Mounts and answers the kernel's INIT before returning.
         let session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| {
             io::Error::new(
@@ -230,6 +231,12 @@ impl FuseExport {
             None => Vec::new(),
         };
         let (tx, rx) = std::sync::mpsc::channel();
+        let dev_threads = if ring_workers.is_empty() {
+            opts.threads.max(1)
+        } else {
+            0
+        };
+        let (max_write, access) = (opts.max_write, access(opts.allow_other));
         let session = std::thread::Builder::new()
             .name("hpm-fuse".to_string())
             .spawn(move || {
@@ -243,10 +250,40 @@ impl FuseExport {
                          run as root with CAP_SYS_RESOURCE on Linux 5.6+"
                     );
                 }
-                let _ = tx.send(r.is_ok());
-                session.run()
+                let flusher = r.is_ok();
+                if dev_threads == 0 {
+                    let _ = tx.send((flusher, Ok(())));
+                    return session.run();
+                }
+                let fd = std::os::fd::AsFd::as_fd(&session);
+                match dev::start(&fs_dev, fd, dev_threads, max_write, access) {
+                    Ok(workers) => {
+                        let _ = tx.send((flusher, Ok(())));
+                        let panicked = workers.into_iter().filter_map(|w| w.join().err()).count();
+                        // Dropped once the connection has ended: its unmount finds nothing.
+                        drop(session);
+                        if panicked > 0 {
+                            return Err(io::Error::other("a FUSE worker thread panicked"));
+                        }
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let _ = tx.send((flusher, Err(e)));
+                        Ok(())
+                    }
+                }
             })?;
-        let io_flusher = rx.recv().unwrap_or(false);
+        let (io_flusher, started) = rx.recv().unwrap_or_else(|_| {
+            (
+                false,
+                Err(io::Error::other("the FUSE session thread panicked")),
+            )
+        });
+        if let Err(e) = started {
+            // The session thread has dropped the session, which unmounted the export.
+            let _ = session.join();
+            return Err(e);
+        }
         Ok(Ok(FuseExport {
             shared,
             session: Some(session),
@@ -363,6 +400,15 @@ impl Drop for FuseExport {
         if let Err(e) = self.shutdown() {
             tracing::warn!("{e}");
         }
+    }
+}
+
+/// fuser's access rule for the export (see `dev::Access`).
+fn access(allow_other: bool) -> dev::Access {
+    if allow_other {
+        dev::Access::All
+    } else {
+        dev::Access::Owner(rustix::process::geteuid().as_raw())
     }
 }
 

@@ -236,8 +236,12 @@ fn workers_are_io_flushers_where_permitted() {
             let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
                 continue;
             };
-            // /dev/fuse workers, or io_uring ones (HPM_TEST_FUSE_IO_URING=1).
-            if !comm.starts_with("fuser-") && !comm.starts_with("hpm-fuse-q") {
+            // /dev/fuse workers, or io_uring ones (HPM_TEST_FUSE_IO_URING=1) and fuser's
+            // one thread beside them.
+            if !comm.starts_with("fuser-")
+                && !comm.starts_with("hpm-fuse-w")
+                && !comm.starts_with("hpm-fuse-q")
+            {
                 continue;
             }
             let stat = fs::read_to_string(dir.join("stat")).unwrap();
@@ -357,4 +361,71 @@ fn a_new_mount_replaces_a_dead_one() {
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(!mounts.contains(mp.to_str().unwrap()), "{mounts}");
     drop(guard);
+}
+
+#[test]
+fn reads_of_shared_blocks_are_answered_from_the_cache_with_the_right_bytes() {
+    if !requirements("cached reads through the device file", false, &[]) {
+        return;
+    }
+    let env = Env::new(&FuseOptions {
+        threads: 4,
+        ..Default::default()
+    });
+    let origin = env.device("origin", SIZE);
+    let mut image = vec![0u8; SIZE as usize];
+    pattern(3, 0, &mut image);
+    // Every other MiB written: the snapshot's reads mix cached blocks and unmapped ones.
+    {
+        let f = OpenOptions::new().write(true).open(&origin).unwrap();
+        for off in (0..SIZE).step_by(2 * MIB as usize) {
+            f.write_all_at(&image[off as usize..(off + MIB) as usize], off)
+                .unwrap();
+            image[(off + MIB) as usize..(off + 2 * MIB) as usize].fill(0);
+        }
+        f.sync_all().unwrap();
+    }
+    env.pool.snapshot("origin", "snap", false).unwrap();
+    let snap = env
+        .export
+        .add(env.pool.open_device("snap").unwrap())
+        .unwrap();
+    // Private blocks in the snapshot too: an unaligned copy-on-write of shared blocks.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&snap)
+        .unwrap();
+    f.write_all_at(&[0x5a; 5000], 2 * MIB + 100).unwrap();
+    image[(2 * MIB + 100) as usize..(2 * MIB + 5100) as usize].fill(0x5a);
+    let hits_before = env.pool.cache_stats().hits;
+    // Twice: the first pass fills the cache, the second is served from it.
+    for pass in 0..2 {
+        let mut buf = vec![0u8; MIB as usize];
+        for off in (0..SIZE).step_by(MIB as usize) {
+            f.read_exact_at(&mut buf, off).unwrap();
+            assert!(
+                buf[..] == image[off as usize..(off + MIB) as usize],
+                "pass {pass}: 1 MiB at {off} differs"
+            );
+        }
+        // Unaligned reads across cached, private and unmapped blocks.
+        for (off, len) in [
+            (4095, 2),
+            (MIB - 10, 20_000),
+            (3 * MIB, 9000),
+            (5 * MIB + 7, 300),
+        ] {
+            let mut b = vec![0u8; len];
+            f.read_exact_at(&mut b, off).unwrap();
+            assert!(
+                b[..] == image[off as usize..off as usize + len],
+                "pass {pass}: {len} bytes at {off} differ"
+            );
+        }
+    }
+    assert!(
+        env.pool.cache_stats().hits > hits_before,
+        "the snapshot's shared blocks were read from the cache"
+    );
 }

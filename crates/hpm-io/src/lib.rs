@@ -8,6 +8,7 @@
 
 mod checked;
 mod file;
+mod fuse_dev;
 mod fuse_ring;
 mod io_flusher;
 pub mod loopdev;
@@ -16,6 +17,7 @@ pub mod socket;
 
 pub use checked::Checked;
 pub use file::{aligned_prefix, FileBackend, IoMode, DIRECT_ALIGN};
+pub use fuse_dev::fuse_dev_clone;
 pub use fuse_ring::{FuseRing, FUSE_RING_ENT_OFFSET, FUSE_RING_HEADER_LEN, FUSE_RING_OP_OFFSET};
 pub use io_flusher::{is_io_flusher, set_io_flusher};
 pub use memory::MemBackend;
