@@ -391,29 +391,50 @@ impl Device {
             let at = (s - off) as usize;
             let dst = &mut buf[at..(e - off) as usize];
             let aligned = s == b0 * B && e == (b0 + n) * B;
-            if let (Some(p0), true, true, Some(pieces)) =
-                (p0, cached, aligned, pieces.as_deref_mut())
-            {
-                // Blocks the cache holds stay there; the ones read now land in `dst`.
+            if let (Some(p0), true, Some(pieces)) = (p0, cached, pieces.as_deref_mut()) {
+                // Blocks the cache holds stay there; the ones read now land in `dst` (through
+                // a run-sized buffer if the read covers the run's first or last block only in
+                // part).
                 let hint = &sharers[(b0 - first) as usize..(b0 - first + n) as usize];
                 let mut held: SmallVec<[Option<Arc<[u8]>>; 16]> = SmallVec::new();
                 held.resize(n as usize, None);
-                let bytes = inner
-                    .cache
-                    .read_held(self.id, p0, dst, hint, &inner.data, &mut held)
-                    .map_err(err)?;
+                let mut tmp = Vec::new();
+                let bytes = {
+                    let target: &mut [u8] = if aligned {
+                        &mut *dst
+                    } else {
+                        tmp.resize((n * B) as usize, 0);
+                        &mut tmp
+                    };
+                    inner
+                        .cache
+                        .read_held(self.id, p0, target, hint, &inner.data, &mut held)
+                        .map_err(err)?
+                };
                 if bytes > 0 {
                     st.add(&BACKEND_READS, 1);
                     st.add(&BACKEND_READ_BYTES, bytes);
                 }
+                // Offsets within the run: the read covers [from, from + dst.len()).
+                let (from, blk) = ((s - b0 * B) as usize, B as usize);
                 for (i, h) in held.into_iter().enumerate() {
+                    let lo = (i * blk).max(from);
+                    let hi = ((i + 1) * blk).min(from + dst.len());
+                    if lo >= hi {
+                        continue;
+                    }
                     match h {
                         Some(data) => pieces.push(ReadPiece::Cached {
                             data,
-                            start: 0,
-                            len: B as usize,
+                            start: lo - i * blk,
+                            len: hi - lo,
                         }),
-                        None => push_buf(pieces, at + i * B as usize, B as usize),
+                        None => {
+                            if !aligned {
+                                dst[lo - from..hi - from].copy_from_slice(&tmp[lo..hi]);
+                            }
+                            push_buf(pieces, at + lo - from, hi - lo);
+                        }
                     }
                 }
                 continue;

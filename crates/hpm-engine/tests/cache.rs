@@ -208,9 +208,18 @@ fn a_held_cached_block_keeps_its_bytes_through_a_later_write() {
         .iter()
         .all(|p| matches!(p, hpm_engine::ReadPiece::Cached { .. })));
     let before: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(&buf).to_vec()).collect();
-    // Writes to the origin's blocks (shared: each a copy-on-write) and to the clone's.
+    // The origin's write copies on write; once that is committed, the clone owns the old
+    // blocks alone, and its write goes over them in place: through the cache's `written`,
+    // which must not rewrite a buffer a reader still holds.
     img.write_at(&pattern(2, 1 << 20), 0).unwrap();
+    pool.flush().unwrap();
+    let cow_before = pool.stats().cow_blocks;
     c.write_at(&pattern(3, 1 << 20), 0).unwrap();
+    assert_eq!(
+        pool.stats().cow_blocks,
+        cow_before,
+        "the clone's write went over its own blocks in place"
+    );
     let after: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(&buf).to_vec()).collect();
     assert!(before == after, "a held piece never changes");
     assert!(before == pattern(1, 1 << 20));
@@ -248,4 +257,69 @@ fn clones_reading_one_image_at_once_through_pieces_read_the_disk_once() {
         .collect();
     hs.into_iter().for_each(|h| h.join().unwrap());
     assert_eq!(pool.cache_stats().backend_read_bytes - before, SIZE);
+}
+
+#[test]
+fn read_pieces_mixes_cached_blocks_and_blocks_read_now_in_order() {
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 16 << 20);
+    pool.create_device("image", 1 << 20).unwrap();
+    let image = pattern(4, 1 << 20);
+    pool.open_device("image")
+        .unwrap()
+        .write_at(&image, 0)
+        .unwrap();
+    pool.snapshot("image", "c", false).unwrap();
+    let c = pool.open_device("c").unwrap();
+    // Every third block cached, the others cold: one read mixes both within a run.
+    let mut blk = vec![0u8; 4096];
+    for b in (0..256u64).step_by(3) {
+        c.read_at(&mut blk, b * 4096).unwrap();
+    }
+    let stats_before = pool.cache_stats();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pieces = Vec::new();
+    c.read_pieces(&mut buf, 0, &mut pieces).unwrap();
+    let cached = pieces
+        .iter()
+        .filter(|p| matches!(p, hpm_engine::ReadPiece::Cached { .. }))
+        .count();
+    assert_eq!(
+        cached, 86,
+        "the blocks read before are handed out from the cache"
+    );
+    let got: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(&buf).to_vec()).collect();
+    assert!(got == image);
+    let after = pool.cache_stats();
+    assert_eq!(after.hits - stats_before.hits, 86);
+    assert_eq!(after.misses - stats_before.misses, 256 - 86);
+}
+
+#[test]
+fn an_unaligned_read_of_cached_blocks_is_handed_out_from_the_cache_too() {
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 16 << 20);
+    pool.create_device("image", 1 << 20).unwrap();
+    let image = pattern(6, 1 << 20);
+    pool.open_device("image")
+        .unwrap()
+        .write_at(&image, 0)
+        .unwrap();
+    pool.snapshot("image", "c", false).unwrap();
+    let c = pool.open_device("c").unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    c.read_at(&mut buf, 0).unwrap(); // all cached
+                                     // As FUSE splits a read into a user buffer that does not start on a page: 1 MiB less
+                                     // the buffer's offset in its first page, then the rest.
+    let (off, len) = (1408u64, (1 << 20) - 1408 - 1000);
+    let mut pieces = Vec::new();
+    c.read_pieces(&mut buf[..len], off, &mut pieces).unwrap();
+    assert!(
+        pieces
+            .iter()
+            .all(|p| matches!(p, hpm_engine::ReadPiece::Cached { .. })),
+        "every block, the partly read first and last too, comes from the cache"
+    );
+    let got: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(&buf).to_vec()).collect();
+    assert!(got[..] == image[off as usize..off as usize + len]);
 }

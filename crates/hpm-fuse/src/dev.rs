@@ -14,7 +14,7 @@
 //! It must never hold a request's cached blocks past its reply.
 
 use crate::fs::DeviceFs;
-use crate::wire::{dispatch, op, op_header_len, u32_at, u64_at, IN_HEADER, OUT_HEADER};
+use crate::wire::{dispatch, op, op_header_len, u32_at, u64_at, Access, IN_HEADER, OUT_HEADER};
 use fuser::Errno;
 use hpm_engine::ReadPiece;
 use std::io::{self, IoSlice};
@@ -36,40 +36,6 @@ const HEADROOM: usize = 64 * 1024;
 /// Most iovecs of one reply: the header, and at most two per 4 KiB block of a 1 MiB read
 /// (a cached block and a run of the read buffer); the kernel takes up to 1024.
 const MAX_IOVECS: usize = 1024;
-
-/// Who may make requests beyond the ones the kernel makes for any process: as fuser's
-/// `SessionACL::Owner` (everyone with `allow_other`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Access {
-    /// Anyone (`allow_other`).
-    All,
-    /// This uid only.
-    Owner(u32),
-}
-
-impl Access {
-    /// fuser's rule: a request from another uid is refused (`EACCES`) unless it is one the
-    /// kernel may issue without a caller's uid (I/O, release, sync).
-    fn refuses(self, opcode: u32, uid: u32) -> bool {
-        match self {
-            Access::All => false,
-            Access::Owner(owner) => {
-                uid != owner
-                    && !matches!(
-                        opcode,
-                        op::DESTROY
-                            | op::READ
-                            | op::READDIR
-                            | op::WRITE
-                            | op::FSYNC
-                            | op::FSYNCDIR
-                            | op::RELEASE
-                            | op::RELEASEDIR
-                    )
-            }
-        }
-    }
-}
 
 /// Starts `threads` workers on clones of `session` (the mounted connection, INIT answered).
 /// They end when the connection does (unmount or abort). Threads inherit the caller's
@@ -197,8 +163,11 @@ impl Worker {
         };
         let buf = hpm_io::aligned_prefix(&mut self.read_buf, len);
         if let Err(errno) = self.fs.read_pieces(&e, buf, offset, &mut self.pieces) {
+            // What a failed read had gathered is let go at once, as after a reply.
+            self.pieces.clear();
             return self.reply_error(unique, errno);
         }
+        debug_assert_eq!(self.pieces.iter().map(ReadPiece::len).sum::<usize>(), len);
         let header = out_header(unique, 0, len);
         let mut iov: smallvec::SmallVec<[IoSlice<'_>; 64]> = smallvec::SmallVec::new();
         iov.push(IoSlice::new(&header));
@@ -233,15 +202,31 @@ impl Worker {
 }
 
 /// Writes one reply (all of it or nothing: the kernel takes a reply whole). `ENOENT`: the
-/// request is gone (interrupted or aborted), nothing to do.
+/// request is gone (interrupted or aborted), nothing to do. If the kernel refuses the reply
+/// itself, an `EIO` reply goes instead: an unanswered request would leave its caller (a
+/// loop device's I/O) waiting until the connection ends.
 fn send(dev: &OwnedFd, unique: u64, iov: &[IoSlice<'_>]) {
+    let header_only = iov.len() == 1;
+    match write_reply(dev, iov) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => {
+            tracing::warn!(unique, "writing a FUSE reply failed: {e}");
+            if !header_only {
+                let header = out_header(unique, -libc::EIO, 0);
+                if let Err(e) = write_reply(dev, &[IoSlice::new(&header)]) {
+                    tracing::warn!(unique, "writing the EIO reply instead failed too: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn write_reply(dev: &OwnedFd, iov: &[IoSlice<'_>]) -> Result<(), rustix::io::Errno> {
     loop {
         match rustix::io::writev(dev.as_fd(), iov) {
-            Ok(_) | Err(rustix::io::Errno::NOENT) => return,
+            Ok(_) => return Ok(()),
             Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => {
-                return tracing::warn!(unique, "writing a FUSE reply failed: {e}");
-            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -258,18 +243,6 @@ fn out_header(unique: u64, error: i32, body: usize) -> [u8; OUT_HEADER] {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_owner_may_ask_for_more_than_the_kernel_asks_for_any_process() {
-        let owner = Access::Owner(0);
-        assert!(!owner.refuses(op::LOOKUP, 0));
-        assert!(owner.refuses(op::LOOKUP, 1000));
-        assert!(owner.refuses(op::OPEN, 1000));
-        assert!(!owner.refuses(op::READ, 1000));
-        assert!(!owner.refuses(op::WRITE, 1000));
-        assert!(!owner.refuses(op::RELEASE, 1000));
-        assert!(!Access::All.refuses(op::OPEN, 1000));
-    }
 
     #[test]
     fn a_reply_header_counts_itself() {

@@ -349,7 +349,16 @@ impl DeviceFs {
         }
         match e.device.read_pieces(buf, offset, pieces) {
             Ok(()) => {
-                self.count(&self.shared.counters.read_bytes, buf.len() as u64);
+                let c = &self.shared.counters;
+                self.count(&c.read_bytes, buf.len() as u64);
+                let cached: usize = pieces
+                    .iter()
+                    .filter(|p| matches!(p, hpm_engine::ReadPiece::Cached { .. }))
+                    .map(hpm_engine::ReadPiece::len)
+                    .sum();
+                if cached > 0 {
+                    self.count(&c.read_cache_bytes, cached as u64);
+                }
                 Ok(())
             }
             Err(err) => Err(self.failed("read", e, offset, &err)),

@@ -212,7 +212,10 @@ impl FuseExport {
                 let payload = (opts.max_write as usize).max(1 << 20);
                 let started = std::os::fd::AsFd::as_fd(&session)
                     .try_clone_to_owned()
-                    .and_then(|dev| ring::start(&ring_fs, dev, queues, per_queue, payload));
+                    .and_then(|dev| {
+                        let access = access(opts.allow_other);
+                        ring::start(&ring_fs, dev, queues, per_queue, payload, access)
+                    });
                 match started {
                     Ok(workers) => {
                         tracing::info!(
@@ -403,12 +406,12 @@ impl Drop for FuseExport {
     }
 }
 
-/// fuser's access rule for the export (see `dev::Access`).
-fn access(allow_other: bool) -> dev::Access {
+/// fuser's access rule for the export, applied by both transports (see `wire::Access`).
+fn access(allow_other: bool) -> wire::Access {
     if allow_other {
-        dev::Access::All
+        wire::Access::All
     } else {
-        dev::Access::Owner(rustix::process::geteuid().as_raw())
+        wire::Access::Owner(rustix::process::geteuid().as_raw())
     }
 }
 

@@ -13,7 +13,7 @@
 //! request means and how its reply looks is `wire`'s, shared with the `/dev/fuse` workers.
 
 use crate::fs::DeviceFs;
-use crate::wire::{dispatch, u32_at, u64_at, OUT_HEADER};
+use crate::wire::{dispatch, u32_at, u64_at, Access, OUT_HEADER};
 use hpm_io::{FuseRing, FUSE_RING_ENT_OFFSET, FUSE_RING_OP_OFFSET};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -64,6 +64,7 @@ pub(crate) fn start(
     queues: u16,
     per_queue: usize,
     payload_len: usize,
+    access: Access,
 ) -> io::Result<Vec<JoinHandle<()>>> {
     let dev = Arc::new(dev);
     debug_assert!(per_queue >= MIN_WORKERS_PER_QUEUE);
@@ -75,7 +76,7 @@ pub(crate) fn start(
             let (tx, rx) = std::sync::mpsc::channel();
             let worker = std::thread::Builder::new()
                 .name(format!("hpm-fuse-q{qid}.{n}"))
-                .spawn(move || worker(&fs, &dev, qid, payload_len, pinned, tx))?;
+                .spawn(move || worker(&fs, &dev, qid, payload_len, pinned, access, tx))?;
             workers.push(worker);
             // One at a time: the registration order is the serving order (see above).
             rx.recv()
@@ -92,6 +93,7 @@ fn worker(
     qid: u16,
     payload_len: usize,
     pinned: bool,
+    access: Access,
     registered: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
     // As the /dev/fuse workers (see `FuseExport::mount`), which report the state.
@@ -142,22 +144,27 @@ fn worker(
                 return;
             }
         }
-        serve(fs, &mut ring);
+        serve(fs, &mut ring, access);
         next = ring.commit_and_fetch(dev.as_fd(), qid);
     }
 }
 
 /// Answers the request in the ring's buffers (the reply goes out with the next fetch).
-fn serve(fs: &DeviceFs, ring: &mut FuseRing) {
+fn serve(fs: &DeviceFs, ring: &mut FuseRing, access: Access) {
     fs.ring_request();
     let (h, payload) = ring.split_mut();
     let opcode = u32_at(h, 4);
     let unique = u64_at(h, 8);
     let nodeid = u64_at(h, 16);
+    let uid = u32_at(h, 24);
     let mut arg = [0u8; 128];
     arg.copy_from_slice(&h[FUSE_RING_OP_OFFSET..FUSE_RING_OP_OFFSET + 128]);
     let in_len = (u32_at(h, FUSE_RING_ENT_OFFSET + 16) as usize).min(payload.len());
-    let result = dispatch(fs, opcode, nodeid, &arg, in_len, payload);
+    let result = if access.refuses(opcode, uid) {
+        Err(fuser::Errno::EACCES)
+    } else {
+        dispatch(fs, opcode, nodeid, &arg, in_len, payload)
+    };
     let (error, out_len) = match result {
         Ok(n) => (0, n),
         Err(errno) => (-errno.code(), 0),

@@ -13,6 +13,9 @@ pub struct FuseStats {
     pub reads: u64,
     /// Bytes returned by reads.
     pub read_bytes: u64,
+    /// Of those, the bytes written into replies straight from the pool's block cache, not
+    /// copied into a reply buffer first (`/dev/fuse` workers only).
+    pub read_cache_bytes: u64,
     /// Write requests.
     pub writes: u64,
     /// Bytes written.
@@ -39,6 +42,7 @@ pub(crate) struct Counters {
     pub ring_requests: AtomicU64,
     pub reads: AtomicU64,
     pub read_bytes: AtomicU64,
+    pub read_cache_bytes: AtomicU64,
     pub writes: AtomicU64,
     pub write_bytes: AtomicU64,
     pub flushes: AtomicU64,
@@ -65,6 +69,7 @@ impl Counters {
             ring_requests: self.ring_requests.load(Relaxed),
             reads: self.reads.load(Relaxed),
             read_bytes: self.read_bytes.load(Relaxed),
+            read_cache_bytes: self.read_cache_bytes.load(Relaxed),
             writes: self.writes.load(Relaxed),
             write_bytes: self.write_bytes.load(Relaxed),
             flushes: self.flushes.load(Relaxed),

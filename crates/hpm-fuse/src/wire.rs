@@ -45,6 +45,40 @@ const FATTR_SIZE: u32 = 8;
 /// `fuse_out_header` bytes.
 pub(crate) const OUT_HEADER: usize = 16;
 
+/// Who may make requests beyond the ones the kernel makes for any process: as fuser's
+/// `SessionACL::Owner` (everyone with `allow_other`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Access {
+    /// Anyone (`allow_other`).
+    All,
+    /// This uid only.
+    Owner(u32),
+}
+
+impl Access {
+    /// fuser's rule: a request from another uid is refused (`EACCES`) unless it is one the
+    /// kernel may issue without a caller's uid (I/O, release, sync).
+    pub(crate) fn refuses(self, opcode: u32, uid: u32) -> bool {
+        match self {
+            Access::All => false,
+            Access::Owner(owner) => {
+                uid != owner
+                    && !matches!(
+                        opcode,
+                        op::DESTROY
+                            | op::READ
+                            | op::READDIR
+                            | op::WRITE
+                            | op::FSYNC
+                            | op::FSYNCDIR
+                            | op::RELEASE
+                            | op::RELEASEDIR
+                    )
+            }
+        }
+    }
+}
+
 /// `fuse_in_header` bytes: len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding.
 pub(crate) const IN_HEADER: usize = 40;
 
@@ -308,6 +342,18 @@ mod tests {
             dirent(&mut out[..31], 7, 3, FileType::RegularFile, "abc.img"),
             None
         );
+    }
+
+    #[test]
+    fn only_the_owner_may_ask_for_more_than_the_kernel_asks_for_any_process() {
+        let owner = Access::Owner(0);
+        assert!(!owner.refuses(op::LOOKUP, 0));
+        assert!(owner.refuses(op::LOOKUP, 1000));
+        assert!(owner.refuses(op::OPEN, 1000));
+        assert!(!owner.refuses(op::READ, 1000));
+        assert!(!owner.refuses(op::WRITE, 1000));
+        assert!(!owner.refuses(op::RELEASE, 1000));
+        assert!(!Access::All.refuses(op::OPEN, 1000));
     }
 
     #[test]

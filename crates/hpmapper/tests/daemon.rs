@@ -766,6 +766,7 @@ fn metrics_serve_prometheus_text_on_loopback() {
         "hpmapper_cache_intercepted_total",
         "hpmapper_attachments",
         "hpmapper_fuse_requests_total",
+        "hpmapper_fuse_read_cache_bytes_total",
         "hpmapper_nbd_connections_total",
     ] {
         assert!(values.contains_key(name), "no {name} in {body}");

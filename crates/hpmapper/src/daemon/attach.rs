@@ -106,6 +106,10 @@ pub fn server_counters(d: &Daemon) -> Vec<(String, u64)> {
             ("fuse_requests_total".to_string(), s.requests),
             ("fuse_io_uring_requests_total".to_string(), s.ring_requests),
             ("fuse_read_bytes_total".to_string(), s.read_bytes),
+            (
+                "fuse_read_cache_bytes_total".to_string(),
+                s.read_cache_bytes,
+            ),
             ("fuse_write_bytes_total".to_string(), s.write_bytes),
             ("fuse_errors_total".to_string(), s.errors),
         ]);
