@@ -363,12 +363,35 @@ impl Snapshotter for BlockSnapshotter {
     }
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let st = self.state.lock();
-        let r = st.file.get(key)?;
+        let r = self.state.lock().file.get(key)?.clone();
+        let layer = r.layer();
+        // Without the state lock: an export may wait seconds for a device still held since
+        // its last use (see Commit). Checked again after, with the lock: a Commit or Remove
+        // that ran meanwhile (and so did not see this export) must not have its layer handed
+        // out, a committed one above all, which must never be writable.
         let block = self
             .store
-            .export(&r.layer(), r.kind != Kind::Active)
+            .export(&layer, r.kind != Kind::Active)
             .map_err(store_error)?;
+        let unchanged = {
+            let st = self.state.lock();
+            st.file
+                .get(key)
+                .is_ok_and(|now| now.layer() == layer && now.kind == r.kind)
+        };
+        if !unchanged {
+            if let Err(e) = self.store.unexport(&layer) {
+                tracing::warn!(
+                    key,
+                    layer,
+                    "taking back the export of a changed snapshot: {e}"
+                );
+            }
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                format!("snapshot {key:?} was committed, removed or replaced meanwhile; try again"),
+            ));
+        }
         Ok(vec![mount_of(block, r.kind)])
     }
 
