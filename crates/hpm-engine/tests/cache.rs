@@ -128,6 +128,22 @@ fn cached_blocks_follow_cow_overwrite_discard_and_reuse() {
     assert!(big == pattern(4, 2 << 20));
 }
 
+/// A pool with a device `image` of `size` bytes written with `pattern(seed)` and its
+/// snapshot `c` (every block shared, so reads of `c` go through the cache): the pool, the
+/// image's bytes and `c` open.
+fn image_and_clone(seed: u64, size: u64) -> (hpm_engine::Pool, Vec<u8>, hpm_engine::Device) {
+    let pool = Disks::mem().create(&small_opts(), 16 << 20);
+    pool.create_device("image", size).unwrap();
+    let image = pattern(seed, size as usize);
+    pool.open_device("image")
+        .unwrap()
+        .write_at(&image, 0)
+        .unwrap();
+    pool.snapshot("image", "c", false).unwrap();
+    let c = pool.open_device("c").unwrap();
+    (pool, image, c)
+}
+
 /// What `read_pieces` returns, gathered into one buffer.
 fn gathered(d: &hpm_engine::Device, len: usize, off: u64) -> Vec<u8> {
     let mut buf = vec![0xa5u8; len];
@@ -193,13 +209,8 @@ fn read_pieces_returns_what_read_at_does_cached_or_not() {
 
 #[test]
 fn a_held_cached_block_keeps_its_bytes_through_a_later_write() {
-    let disks = Disks::mem();
-    let pool = disks.create(&small_opts(), 16 << 20);
-    pool.create_device("image", 1 << 20).unwrap();
+    let (pool, _, c) = image_and_clone(1, 1 << 20);
     let img = pool.open_device("image").unwrap();
-    img.write_at(&pattern(1, 1 << 20), 0).unwrap();
-    pool.snapshot("image", "c", false).unwrap();
-    let c = pool.open_device("c").unwrap();
     let mut buf = vec![0u8; 1 << 20];
     c.read_at(&mut buf, 0).unwrap(); // cached now
     let mut pieces = Vec::new();
@@ -261,16 +272,7 @@ fn clones_reading_one_image_at_once_through_pieces_read_the_disk_once() {
 
 #[test]
 fn read_pieces_mixes_cached_blocks_and_blocks_read_now_in_order() {
-    let disks = Disks::mem();
-    let pool = disks.create(&small_opts(), 16 << 20);
-    pool.create_device("image", 1 << 20).unwrap();
-    let image = pattern(4, 1 << 20);
-    pool.open_device("image")
-        .unwrap()
-        .write_at(&image, 0)
-        .unwrap();
-    pool.snapshot("image", "c", false).unwrap();
-    let c = pool.open_device("c").unwrap();
+    let (pool, image, c) = image_and_clone(4, 1 << 20);
     // Every third block cached, the others cold: one read mixes both within a run.
     let mut blk = vec![0u8; 4096];
     for b in (0..256u64).step_by(3) {
@@ -297,20 +299,12 @@ fn read_pieces_mixes_cached_blocks_and_blocks_read_now_in_order() {
 
 #[test]
 fn an_unaligned_read_of_cached_blocks_is_handed_out_from_the_cache_too() {
-    let disks = Disks::mem();
-    let pool = disks.create(&small_opts(), 16 << 20);
-    pool.create_device("image", 1 << 20).unwrap();
-    let image = pattern(6, 1 << 20);
-    pool.open_device("image")
-        .unwrap()
-        .write_at(&image, 0)
-        .unwrap();
-    pool.snapshot("image", "c", false).unwrap();
-    let c = pool.open_device("c").unwrap();
+    let (_pool, image, c) = image_and_clone(6, 1 << 20);
     let mut buf = vec![0u8; 1 << 20];
-    c.read_at(&mut buf, 0).unwrap(); // all cached
-                                     // As FUSE splits a read into a user buffer that does not start on a page: 1 MiB less
-                                     // the buffer's offset in its first page, then the rest.
+    // All cached after this read.
+    c.read_at(&mut buf, 0).unwrap();
+    // As FUSE splits a read into a user buffer that does not start on a page: 1 MiB less
+    // the buffer's offset in its first page, then the rest.
     let (off, len) = (1408u64, (1 << 20) - 1408 - 1000);
     let mut pieces = Vec::new();
     c.read_pieces(&mut buf[..len], off, &mut pieces).unwrap();
