@@ -28,7 +28,9 @@
 //! ```
 //!
 //! Shutdown: [`FuseExport::unmount`] (or drop) unmounts and joins the workers when no device
-//! file is open. If one is (a loop device still attached), the mount is detached lazily
+//! file is open; the unmount is forced then, which ends the connection also for copies of
+//! the mount that other mount namespaces made meanwhile (their users see it gone). If a
+//! file is open (a loop device still attached), the mount is detached lazily
 //! instead: it leaves the namespace at once, the workers keep serving the open files until
 //! the last one is closed and then end by themselves. If the process exits meanwhile, every
 //! loop device and mount on top gets I/O errors, so detach loop devices first.
@@ -359,7 +361,19 @@ impl FuseExport {
             return Ok(());
         };
         let mp = &self.shared.mountpoint;
-        match unmount(mp, UnmountFlags::empty()) {
+        // With no device file open, a forced unmount: it also ends the connection (the
+        // kernel aborts it), which a plain one does not while another mount namespace
+        // holds a copy of the mount (one made while we were mounted, as a service with a
+        // namespace of its own would), and the workers would then wait for requests
+        // forever. With a file open, a plain one, which fails and detaches lazily below
+        // (the open files stay served).
+        let open = self.shared.list().iter().any(|d| d.open_handles > 0);
+        let flags = if open {
+            UnmountFlags::empty()
+        } else {
+            UnmountFlags::FORCE
+        };
+        match unmount(mp, flags) {
             // EINVAL: no longer a mount point (someone unmounted it); the workers have ended.
             Ok(()) | Err(rustix::io::Errno::INVAL) => {
                 // The unmount ended the connection, and with it every ring entry.

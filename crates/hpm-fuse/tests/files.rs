@@ -444,3 +444,33 @@ fn reads_of_shared_blocks_are_answered_from_the_cache_with_the_right_bytes() {
         );
     }
 }
+
+#[test]
+fn unmount_ends_even_when_another_mount_namespace_holds_a_copy() {
+    if !requirements("unmount with a copy elsewhere", false, &["unshare"]) {
+        return;
+    }
+    let env = Env::new(&FuseOptions::default());
+    let path = env.device("d", MIB);
+    // A process in a mount namespace made now holds a copy of the export's mount (as a
+    // service restarted with its own namespace would): unmounting ours does not end the
+    // connection, which lives on in the copy.
+    let mut copy = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let Env { export, pool, dir } = env;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(export.unmount());
+    });
+    let done = rx.recv_timeout(Duration::from_secs(30));
+    copy.kill().unwrap();
+    copy.wait().unwrap();
+    done.expect("unmount still waiting for its workers after 30 s")
+        .unwrap();
+    drop(path);
+    drop(pool);
+    drop(dir);
+}
