@@ -171,3 +171,35 @@ fn read_errors_are_reported_but_do_not_poison() {
     assert_eq!(buf, pattern(1, 8192));
     d.write_at(b"still writable", 0).unwrap();
 }
+
+#[test]
+fn a_read_error_through_read_pieces_is_reported_and_caches_nothing() {
+    let (disks, plan, _) = faulty(true);
+    let pool = disks.create(&small_opts(), 8 << 20);
+    pool.create_device("a", 1 << 20).unwrap();
+    pool.open_device("a")
+        .unwrap()
+        .write_at(&pattern(2, 1 << 20), 0)
+        .unwrap();
+    // The clone's blocks are shared: its reads go through the cache.
+    pool.snapshot("a", "c", false).unwrap();
+    let c = pool.open_device("c").unwrap();
+    plan.add(hpm_testkit::fault::Rule {
+        op: Op::Read,
+        after: 0,
+        errno: Errno::Eio,
+        persistent: false,
+    });
+    let mut buf = vec![0u8; 256 << 10];
+    let mut pieces = Vec::new();
+    let e = c.read_pieces(&mut buf, 4096, &mut pieces).unwrap_err();
+    assert!(e.to_string().contains("reading device \"c\""), "{e}");
+    assert_eq!(
+        pool.cache_stats().cached_bytes,
+        0,
+        "a failed read caches nothing"
+    );
+    c.read_pieces(&mut buf, 4096, &mut pieces).unwrap();
+    let got: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(&buf).to_vec()).collect();
+    assert!(got[..] == pattern(2, 1 << 20)[4096..4096 + (256 << 10)]);
+}
