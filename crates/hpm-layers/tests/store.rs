@@ -625,7 +625,13 @@ fn fs_root_layers_are_handed_out_as_block_devices() {
     rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
     // Asking for it writable swaps the attachment.
     let rw = s.export("b", false).unwrap();
-    assert_eq!(s.exported("b"), Some((rw, false)));
+    assert_eq!(s.exported("b"), Some((rw.clone(), false)));
+    // Unless asked not to: the other mode is then refused, and the export stays as it is.
+    let e = s.export_same_mode("b", true).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(e.to_string().contains("writable"), "{e}");
+    assert_eq!(s.exported("b"), Some((rw.clone(), false)));
+    assert_eq!(s.export_same_mode("b", false).unwrap(), rw);
 
     // remove detaches; once no layer is left the base volume can go too.
     s.remove("b").unwrap();

@@ -368,10 +368,14 @@ impl Snapshotter for BlockSnapshotter {
         // Without the state lock: an export may wait seconds for a device still held since
         // its last use (see Commit). Checked again after, with the lock: a Commit or Remove
         // that ran meanwhile (and so did not see this export) must not have its layer handed
-        // out, a committed one above all, which must never be writable.
+        // out, a committed one above all, which must never be writable. Never swapping an
+        // export's mode keeps a stale call from turning another call's read-only export of
+        // the committed layer writable; taking back only a writable export of ours (no
+        // other call can make one of a committed layer) never takes back another call's.
+        let read_only = r.kind != Kind::Active;
         let block = self
             .store
-            .export(&layer, r.kind != Kind::Active)
+            .export_same_mode(&layer, read_only)
             .map_err(store_error)?;
         let unchanged = {
             let st = self.state.lock();
@@ -380,12 +384,14 @@ impl Snapshotter for BlockSnapshotter {
                 .is_ok_and(|now| now.layer() == layer && now.kind == r.kind)
         };
         if !unchanged {
-            if let Err(e) = self.store.unexport(&layer) {
-                tracing::warn!(
-                    key,
-                    layer,
-                    "taking back the export of a changed snapshot: {e}"
-                );
+            if !read_only && self.store.exported(&layer) == Some((block.clone(), false)) {
+                if let Err(e) = self.store.unexport(&layer) {
+                    tracing::warn!(
+                        key,
+                        layer,
+                        "taking back the export of a changed snapshot: {e}"
+                    );
+                }
             }
             return Err(Error::new(
                 Code::FailedPrecondition,

@@ -20,6 +20,18 @@ impl LayerStore {
     /// anew (refused with `Busy` while the first is in use). Refused with `Busy` while the
     /// store itself has the layer mounted.
     pub fn export(&self, id: &str, read_only: bool) -> Result<PathBuf> {
+        self.export_impl(id, read_only, true)
+    }
+
+    /// [`LayerStore::export`], except that a layer exported the other way (read-only or
+    /// writable) is refused with `Busy` instead of detached and attached anew: for a client
+    /// whose request may be stale (asked about a snapshot that another call has since
+    /// committed and handed out read-only), which must never turn that export writable.
+    pub fn export_same_mode(&self, id: &str, read_only: bool) -> Result<PathBuf> {
+        self.export_impl(id, read_only, false)
+    }
+
+    fn export_impl(&self, id: &str, read_only: bool, swap: bool) -> Result<PathBuf> {
         check_id(id)?;
         let _lock = self.locks.lock(id);
         let device = self.layer_info(id)?.name;
@@ -37,6 +49,18 @@ impl LayerStore {
             if let Some((block, ro)) = t.exported.get(id) {
                 if *ro == read_only {
                     return Ok(block.clone());
+                }
+                if !swap {
+                    let how = |ro: bool| if ro { "read-only" } else { "writable" };
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "layer {id:?} is handed out {} as {}; it is not handed out {} too",
+                            how(*ro),
+                            block.display(),
+                            how(read_only)
+                        ),
+                    ));
                 }
             }
         }
