@@ -18,6 +18,12 @@ use std::sync::Arc;
 
 const B: u64 = BLOCK_SIZE;
 
+thread_local! {
+    /// The run-sized buffer of a read (with pieces) that covers a cached run's first or last
+    /// block only in part: kept, so that it is zeroed only when it grows, not per read.
+    static RUN_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// An open device. Reads and writes at any byte offset and length within its size. While a
 /// handle is open the device cannot be removed.
 pub struct Device {
@@ -398,45 +404,48 @@ impl Device {
                 let hint = &sharers[(b0 - first) as usize..(b0 - first + n) as usize];
                 let mut held: SmallVec<[Option<Arc<[u8]>>; 16]> = SmallVec::new();
                 held.resize(n as usize, None);
-                let mut tmp = Vec::new();
-                let bytes = {
-                    let target: &mut [u8] = if aligned {
-                        &mut *dst
+                RUN_BUF.with_borrow_mut(|run| -> Result<()> {
+                    let tmp: &mut [u8] = if aligned {
+                        &mut []
                     } else {
-                        tmp.resize((n * B) as usize, 0);
-                        &mut tmp
+                        if run.len() < (n * B) as usize {
+                            run.resize((n * B) as usize, 0);
+                        }
+                        &mut run[..(n * B) as usize]
                     };
-                    inner
+                    let target: &mut [u8] = if aligned { &mut *dst } else { &mut *tmp };
+                    let bytes = inner
                         .cache
                         .read_held(self.id, p0, target, hint, &inner.data, &mut held)
-                        .map_err(err)?
-                };
-                if bytes > 0 {
-                    st.add(&BACKEND_READS, 1);
-                    st.add(&BACKEND_READ_BYTES, bytes);
-                }
-                // Offsets within the run: the read covers [from, from + dst.len()).
-                let (from, blk) = ((s - b0 * B) as usize, B as usize);
-                for (i, h) in held.into_iter().enumerate() {
-                    let lo = (i * blk).max(from);
-                    let hi = ((i + 1) * blk).min(from + dst.len());
-                    if lo >= hi {
-                        continue;
+                        .map_err(err)?;
+                    if bytes > 0 {
+                        st.add(&BACKEND_READS, 1);
+                        st.add(&BACKEND_READ_BYTES, bytes);
                     }
-                    match h {
-                        Some(data) => pieces.push(ReadPiece::Cached {
-                            data,
-                            start: lo - i * blk,
-                            len: hi - lo,
-                        }),
-                        None => {
-                            if !aligned {
-                                dst[lo - from..hi - from].copy_from_slice(&tmp[lo..hi]);
+                    // Offsets within the run: the read covers [from, from + dst.len()).
+                    let (from, blk) = ((s - b0 * B) as usize, B as usize);
+                    for (i, h) in held.drain(..).enumerate() {
+                        let lo = (i * blk).max(from);
+                        let hi = ((i + 1) * blk).min(from + dst.len());
+                        if lo >= hi {
+                            continue;
+                        }
+                        match h {
+                            Some(data) => pieces.push(ReadPiece::Cached {
+                                data,
+                                start: lo - i * blk,
+                                len: hi - lo,
+                            }),
+                            None => {
+                                if !aligned {
+                                    dst[lo - from..hi - from].copy_from_slice(&tmp[lo..hi]);
+                                }
+                                push_buf(pieces, at + lo - from, hi - lo);
                             }
-                            push_buf(pieces, at + lo - from, hi - lo);
                         }
                     }
-                }
+                    Ok(())
+                })?;
                 continue;
             }
             if let Some(pieces) = pieces.as_deref_mut() {

@@ -52,7 +52,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use table::Shared;
 
 /// The default number of FUSE worker threads (see [`FuseOptions::threads`]).
@@ -376,11 +376,25 @@ impl FuseExport {
         match unmount(mp, flags) {
             // EINVAL: no longer a mount point (someone unmounted it); the workers have ended.
             Ok(()) | Err(rustix::io::Errno::INVAL) => {
-                // The unmount ended the connection, and with it every ring entry.
-                let panicked = std::mem::take(&mut self.ring_workers)
-                    .into_iter()
-                    .filter_map(|w| w.join().err())
-                    .count();
+                // The unmount ended the connection, and with it every ring entry; unless a
+                // plain one (our count of open files still lagging the kernel's releases)
+                // left it alive in another namespace's copy: then the workers are left to
+                // end with it, not waited for forever.
+                let ring = std::mem::take(&mut self.ring_workers);
+                let deadline = Instant::now() + WORKERS_END_WAIT;
+                while !(session.is_finished() && ring.iter().all(JoinHandle::is_finished)) {
+                    if Instant::now() >= deadline {
+                        tracing::warn!(
+                            "the FUSE connection of {} lives on after its unmount (another \
+                             mount namespace holds a copy of the mount); its workers are \
+                             left running",
+                            mp.display()
+                        );
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let panicked = ring.into_iter().filter_map(|w| w.join().err()).count();
                 match session.join() {
                     Ok(r) if panicked == 0 => r,
                     _ => Err(io::Error::other("a FUSE worker thread panicked")),
@@ -397,6 +411,13 @@ impl FuseExport {
                     .map(|d| d.name)
                     .collect();
                 let how = match lazy {
+                    // A forced unmount aborts the connection before it finds the mount busy
+                    // (a file opened since we looked): the open files are not served.
+                    Ok(()) if flags.contains(UnmountFlags::FORCE) => {
+                        "the connection was aborted (a file was opened as it unmounted): open \
+                         files get I/O errors; detached it lazily"
+                            .to_string()
+                    }
                     Ok(()) => "detached it lazily: open files stay served until closed".to_string(),
                     Err(l) => format!("lazy unmount failed too: {l}"),
                 };
@@ -411,6 +432,10 @@ impl FuseExport {
         }
     }
 }
+
+/// How long an unmount waits for the workers to end once the connection should have
+/// ended with it.
+const WORKERS_END_WAIT: Duration = Duration::from_secs(10);
 
 impl Drop for FuseExport {
     fn drop(&mut self) {

@@ -474,3 +474,43 @@ fn unmount_ends_even_when_another_mount_namespace_holds_a_copy() {
     drop(pool);
     drop(dir);
 }
+
+#[test]
+fn unmount_returns_when_a_file_open_in_another_namespace_keeps_the_connection() {
+    if !requirements(
+        "unmount with a file open elsewhere",
+        false,
+        &["unshare", "sh"],
+    ) {
+        return;
+    }
+    let env = Env::new(&FuseOptions::default());
+    let path = env.device("d", MIB);
+    // Another namespace's copy of the mount, with the device file open in it: our unmount
+    // succeeds (our mount is not busy), but the connection lives on for that open file.
+    let mut holder = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!("exec 3<'{}'; sleep 60", path.display()))
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !env.export.list().iter().any(|d| d.open_handles > 0) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the file was never opened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Env { export, pool, dir } = env;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(export.unmount());
+    });
+    let done = rx.recv_timeout(Duration::from_secs(40));
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    done.expect("unmount still waiting for its workers after 40 s")
+        .unwrap();
+    drop(pool);
+    drop(dir);
+}
