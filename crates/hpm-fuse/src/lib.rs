@@ -29,7 +29,9 @@
 //!
 //! Shutdown: [`FuseExport::unmount`] (or drop) unmounts and joins the workers when no device
 //! file is open; the unmount is forced then, which ends the connection also for copies of
-//! the mount that other mount namespaces made meanwhile (their users see it gone). If a
+//! the mount that other mount namespaces made meanwhile (their users see it gone). Should
+//! the connection still live on after an unmount (a file open through such a copy), the
+//! workers are waited for 10 s and then left running, with a warning. If a
 //! file is open (a loop device still attached), the mount is detached lazily
 //! instead: it leaves the namespace at once, the workers keep serving the open files until
 //! the last one is closed and then end by themselves. If the process exits meanwhile, every
