@@ -14,7 +14,9 @@
 //! It must never hold a request's cached blocks past its reply.
 
 use crate::fs::DeviceFs;
-use crate::wire::{dispatch, op, op_header_len, u32_at, u64_at, Access, IN_HEADER, OUT_HEADER};
+use crate::wire::{
+    dispatch, op, op_header_len, out_header, read_args, u32_at, u64_at, Access, IN_HEADER,
+};
 use fuser::Errno;
 use hpm_engine::ReadPiece;
 use std::io::{self, IoSlice};
@@ -155,8 +157,7 @@ impl Worker {
         if len < IN_HEADER + 40 {
             return self.reply_error(unique, Errno::EINVAL);
         }
-        let a = &self.req[IN_HEADER..IN_HEADER + 40];
-        let (fh, offset, size) = (u64_at(a, 0), u64_at(a, 8), u32_at(a, 16));
+        let (fh, offset, size) = read_args(&self.req[IN_HEADER..IN_HEADER + 40]);
         let (e, len) = match self.fs.read_start(fh, offset, size) {
             Ok(started) => started,
             Err(errno) => return self.reply_error(unique, errno),
@@ -228,27 +229,5 @@ fn write_reply(dev: &OwnedFd, iov: &[IoSlice<'_>]) -> Result<(), rustix::io::Err
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// `struct fuse_out_header` for a reply of `body` bytes after it.
-fn out_header(unique: u64, error: i32, body: usize) -> [u8; OUT_HEADER] {
-    let mut h = [0u8; OUT_HEADER];
-    h[0..4].copy_from_slice(&((OUT_HEADER + body) as u32).to_ne_bytes());
-    h[4..8].copy_from_slice(&error.to_ne_bytes());
-    h[8..16].copy_from_slice(&unique.to_ne_bytes());
-    h
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_reply_header_counts_itself() {
-        let h = out_header(7, -5, 100);
-        assert_eq!(u32_at(&h, 0), 116);
-        assert_eq!(u32_at(&h, 4) as i32, -5);
-        assert_eq!(u64_at(&h, 8), 7);
     }
 }

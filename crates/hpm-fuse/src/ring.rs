@@ -13,7 +13,7 @@
 //! request means and how its reply looks is `wire`'s, shared with the `/dev/fuse` workers.
 
 use crate::fs::DeviceFs;
-use crate::wire::{dispatch, u32_at, u64_at, Access, OUT_HEADER};
+use crate::wire::{dispatch, out_header, u32_at, u64_at, Access, OUT_HEADER};
 use hpm_io::{FuseRing, FUSE_RING_ENT_OFFSET, FUSE_RING_OP_OFFSET};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -169,9 +169,7 @@ fn serve(fs: &DeviceFs, ring: &mut FuseRing, access: Access) {
         Ok(n) => (0, n),
         Err(errno) => (-errno.code(), 0),
     };
-    h[0..4].copy_from_slice(&((OUT_HEADER + out_len) as u32).to_ne_bytes());
-    h[4..8].copy_from_slice(&error.to_ne_bytes());
-    h[8..16].copy_from_slice(&unique.to_ne_bytes());
+    h[..OUT_HEADER].copy_from_slice(&out_header(unique, error, out_len));
     let sz = FUSE_RING_ENT_OFFSET + 16;
     h[sz..sz + 4].copy_from_slice(&(out_len as u32).to_ne_bytes());
 }

@@ -117,6 +117,20 @@ fn put(out: &mut [u8], fields: &[&[u8]]) -> usize {
     at
 }
 
+/// `fuse_read_in`'s file handle, offset and size.
+pub(crate) fn read_args(arg: &[u8]) -> (u64, u64, u32) {
+    (u64_at(arg, 0), u64_at(arg, 8), u32_at(arg, 16))
+}
+
+/// `struct fuse_out_header` for a reply of `body` bytes after it.
+pub(crate) fn out_header(unique: u64, error: i32, body: usize) -> [u8; OUT_HEADER] {
+    let mut h = [0u8; OUT_HEADER];
+    h[0..4].copy_from_slice(&((OUT_HEADER + body) as u32).to_ne_bytes());
+    h[4..8].copy_from_slice(&error.to_ne_bytes());
+    h[8..16].copy_from_slice(&unique.to_ne_bytes());
+    h
+}
+
 /// One request: the reply's payload length (written into `payload`) or its errno. `arg`
 /// is the operation's header, `payload[..in_len]` the rest of the request.
 pub(crate) fn dispatch(
@@ -129,7 +143,7 @@ pub(crate) fn dispatch(
 ) -> Result<usize, Errno> {
     match opcode {
         op::READ => {
-            let (fh, offset, size) = (u64_at(arg, 0), u64_at(arg, 8), u32_at(arg, 16));
+            let (fh, offset, size) = read_args(arg);
             let (e, len) = fs.read_start(fh, offset, size)?;
             let buf = payload.get_mut(..len).ok_or(Errno::EINVAL)?;
             fs.read_fill(&e, buf, offset)?;
@@ -354,6 +368,14 @@ mod tests {
         assert!(!owner.refuses(op::WRITE, 1000));
         assert!(!owner.refuses(op::RELEASE, 1000));
         assert!(!Access::All.refuses(op::OPEN, 1000));
+    }
+
+    #[test]
+    fn a_reply_header_counts_itself() {
+        let h = out_header(7, -5, 100);
+        assert_eq!(u32_at(&h, 0), 116);
+        assert_eq!(u32_at(&h, 4) as i32, -5);
+        assert_eq!(u64_at(&h, 8), 7);
     }
 
     #[test]

@@ -384,7 +384,7 @@ impl Snapshotter for BlockSnapshotter {
                 .is_ok_and(|now| now.layer() == layer && now.kind == r.kind)
         };
         if !unchanged {
-            if !read_only && self.store.exported(&layer) == Some((block.clone(), false)) {
+            if self.store.exported(&layer) == Some((block, false)) {
                 if let Err(e) = self.store.unexport(&layer) {
                     tracing::warn!(
                         key,
