@@ -20,9 +20,10 @@
 //! thread resolves every block it claimed before it waits for blocks claimed by others, so
 //! waits cannot form a cycle.
 
+use crate::fast_hash::{FastMap, FastSet};
 use hpm_io::Backend;
 use parking_lot::{Condvar, Mutex};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -133,34 +134,6 @@ impl Counters {
 }
 
 type Key = (u32, u64);
-
-/// A cheap hasher for block keys (multiply-rotate, as FxHash): keys are integers chosen by
-/// the engine, not by clients, so a DoS-resistant hash buys nothing here.
-#[derive(Default, Clone, Copy)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u32(&mut self, i: u32) {
-        self.write_u64(u64::from(i));
-    }
-    fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-    fn write_usize(&mut self, i: usize) {
-        self.write_u64(i as u64);
-    }
-}
-
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
-type FastSet<K> = HashSet<K, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// A read in flight: the first reader of a block fills it, later ones wait.
 struct Flight {

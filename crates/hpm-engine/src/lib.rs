@@ -10,6 +10,7 @@ mod cache;
 mod check;
 mod device;
 mod error;
+mod fast_hash;
 mod map;
 mod pool;
 mod shard;
