@@ -8,9 +8,7 @@ use hpm_engine::{CacheConfig, CowGranularity, Device, Pool, PoolOptions, PoolSto
 use hpm_io::{Backend, MemBackend};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -143,18 +141,6 @@ pub fn fill_device(dev: &Device, size: u64, buf: &[u8]) -> R<()> {
         dev.write_at(&buf[..n], off)?;
         off += n as u64;
     }
-    Ok(())
-}
-
-/// Writes the whole of `file` (of `size` bytes) sequentially with `buf`, then syncs it.
-pub fn fill_file(file: &File, size: u64, buf: &[u8]) -> R<()> {
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(buf.len() as u64) as usize;
-        file.write_all_at(&buf[..n], off)?;
-        off += n as u64;
-    }
-    file.sync_all()?;
     Ok(())
 }
 

@@ -5,10 +5,7 @@
 
 use crate::progress;
 use crate::report::{ratios, Section, Summary, Target};
-use crate::setup::{
-    cache_text, create_pool_with, fill_device, fill_file, pattern, random_offsets, Config, BLOCK,
-    MIB, R,
-};
+use crate::setup::{cache_text, create_pool_with, pattern, random_offsets, Config, BLOCK, MIB, R};
 use hpm_engine::{CacheConfig, CacheMode, CowGranularity, Device, Pool};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -76,7 +73,7 @@ fn iops(t: Subject, op: Op, offs: &[Vec<u64>]) -> R<f64> {
 
 pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target>) -> R<()> {
     progress!("throughput: 256 MiB devices fully written (cache on, cache off), 256 MiB raw file");
-    let fill = pattern(MIB as usize, 1);
+    let fill = pattern(CHUNK as usize, 1);
     let make = |name: &str, cache: CacheConfig| -> R<(Pool, Device)> {
         let pool = create_pool_with(
             &dir.join(name),
@@ -87,8 +84,6 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
         )?;
         pool.create_device("tp", SIZE)?;
         let dev = pool.open_device("tp")?;
-        fill_device(&dev, SIZE, &fill)?;
-        pool.flush()?;
         Ok((pool, dev))
     };
     let (pool, dev) = make("tput", CacheConfig::default())?;
@@ -106,8 +101,18 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
     // (sized first, then written in chunk-sized pwrites). ext4 caches a file in large folios
     // as big as the writes that created them, and a 4 KiB buffered write walks every buffer
     // head of its folio, so the fill's write size alone can change 4 KiB write IOPS by 1.5x.
+    // And fill the three in turns, a chunk of each at a time: filled one after the other,
+    // whichever was filled first wrote 4 KiB blocks 15-25% slower in the timed rounds (the
+    // engine with its cache on, first, 0.72-0.75 of the raw file; last, 0.98-1.03).
     raw.set_len(SIZE)?;
-    fill_file(&raw, SIZE, &fill[..CHUNK as usize])?;
+    for off in (0..SIZE).step_by(CHUNK as usize) {
+        dev.write_at(&fill, off)?;
+        dev_nc.write_at(&fill, off)?;
+        raw.write_all_at(&fill, off)?;
+    }
+    pool.flush()?;
+    pool_nc.flush()?;
+    raw.sync_all()?;
     let subjects = [
         Subject::Engine(&dev),
         Subject::Engine(&dev_nc),
@@ -187,7 +192,7 @@ pub fn run(cfg: &Config, dir: &Path, sec: &mut Section, targets: &mut Vec<Target
     }
     let cs = pool.cache_stats();
     sec.note(format!(
-        "{n} ops per thread per measurement; threads share one Device handle (engine) or one File (raw); the same offsets for all three subjects in each round; page-cache hot, no flush, no O_DIRECT. The raw file is sized first and filled with 512 KiB pwrites, as the engine fills its data file (one pwrite per chunk), so both are cached in folios of the same size."
+        "{n} ops per thread per measurement; threads share one Device handle (engine) or one File (raw); the same offsets for all three subjects in each round; page-cache hot, no flush, no O_DIRECT. The raw file is sized first and filled with 512 KiB pwrites, as the engine fills its data file (one pwrite per chunk), so both are cached in folios of the same size; the three are filled in turns, a chunk of each at a time (filled one after the other, whichever came first wrote 4 KiB blocks 15-25% slower in trial runs, as the engine with its cache on did in the runs before 2026-11-30: 75-88% of the raw file, against 90-97% for the same build filled in turns)."
     ));
     sec.note(format!(
         "`engine` uses the default block cache ({}; hits {}, misses {} over the whole experiment, warm-up included); `engine, cache off` is the same pool setup with CacheMode::Off, whose reads go to the data file with pread. Targets are judged on `engine` (the default).",
