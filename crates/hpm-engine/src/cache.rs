@@ -146,6 +146,16 @@ impl Flight {
         *self.result.lock() = Some(r);
         self.done.notify_all();
     }
+    /// Finishes with `r` unless finished already.
+    fn finish_if_open(&self, r: Result<Arc<[u8]>, String>) -> bool {
+        let mut g = self.result.lock();
+        if g.is_some() {
+            return false;
+        }
+        *g = Some(r);
+        self.done.notify_all();
+        true
+    }
     fn wait(&self) -> Result<Arc<[u8]>, String> {
         let mut g = self.result.lock();
         while g.is_none() {
@@ -193,6 +203,28 @@ pub(crate) struct BlockCache {
 fn shard_of(p: u64) -> usize {
     // Neighbouring blocks go to neighbouring shards; the multiply spreads chunk-aligned runs.
     ((p.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize) % SHARDS
+}
+
+/// See `BlockCache::read_into`: on unwinding, ends every claim still open with an error and
+/// takes it out of the map.
+struct AbandonOnPanic<'a> {
+    cache: &'a BlockCache,
+    owner: u32,
+    p0: u64,
+    claimed: &'a [(usize, Arc<Flight>)],
+}
+
+impl Drop for AbandonOnPanic<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for (i, f) in self.claimed {
+            if f.finish_if_open(Err("the read filling this block panicked".into())) {
+                self.cache.detach((self.owner, self.p0 + *i as u64), f);
+            }
+        }
+    }
 }
 
 impl BlockCache {
@@ -367,6 +399,15 @@ impl BlockCache {
                 }
             }
         }
+        // If this thread panics before it has filled what it claimed, the claims must still
+        // end (with an error) and leave the map: later readers of those blocks would wait
+        // on them for ever.
+        let abandon = AbandonOnPanic {
+            cache: self,
+            owner,
+            p0,
+            claimed: &claimed,
+        };
         let mut read_bytes = 0;
         let mut result = Ok(());
         let mut k = 0;
@@ -416,6 +457,7 @@ impl BlockCache {
             }
             k = j;
         }
+        drop(abandon);
         result?;
         for (i, f) in waits {
             let data = f.wait().map_err(|e| {

@@ -14,6 +14,12 @@
 //!
 //! Order: store -> gate -> stripe -> live. It must never hold `live` across backend I/O,
 //! except at checkpoints, which must see a state with no install in progress.
+//!
+//! Panics: `live` for writing and `store` for a change are taken through `Inner::live_write`
+//! and `Inner::store_lock`, whose guards stop the pool (`Inner::panicked`) when a thread
+//! panics while holding them: the state in memory may then be half changed, so no read,
+//! write or commit may use it again; reopening recovers the last commit (docs/design.md
+//! section 7, "Panics").
 
 use crate::cache::{BlockCache, CacheConfig, CacheStats};
 use crate::shard::Gate;
@@ -25,11 +31,12 @@ use hpm_format::{
     Record, Superblock, BLOCK_SIZE, FLAG_NEEDS_CHECK, MAX_CHUNK_BLOCKS, MIN_CHUNK_BLOCKS,
 };
 use hpm_io::{Backend, Checked, FileBackend, IoMode};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 /// Copy-on-write granularity.
@@ -98,6 +105,9 @@ pub(crate) struct Inner {
     pub gate: Gate,
     /// Set once a metadata write or sync failed (see `check_writable`).
     pub meta_failed: std::sync::atomic::AtomicBool,
+    /// Set for good when a thread panicked while changing the state or committing (see
+    /// `Watched`): from then on every read, write and commit is refused.
+    pub panicked: AtomicBool,
     pub stats: Stats,
     pub cache: BlockCache,
     /// The pool directory, when opened from one (for `Pool::check`).
@@ -559,6 +569,7 @@ impl Pool {
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 gate: Gate::new(),
                 meta_failed: false.into(),
+                panicked: false.into(),
                 stats: Stats::default(),
                 cache: BlockCache::new(cache),
                 dir: std::sync::OnceLock::new(),
@@ -600,7 +611,7 @@ impl Pool {
         let inner = &*self.inner;
         inner.check_writable()?;
         let blocks = capacity_blocks_of(capacity, u64::from(inner.geo.chunk_blocks))?;
-        let mut store = inner.store.lock();
+        let mut store = inner.store_lock();
         let current = inner.live.read().st.space.capacity_blocks();
         if blocks < current {
             return Err(Error::new(
@@ -646,7 +657,7 @@ impl Pool {
             return Err(e);
         }
         // Only now may blocks of the new space be handed out.
-        let mut live = inner.live.write();
+        let mut live = inner.live_write();
         live.st.space.grow(blocks);
         live.st.geo.capacity_blocks = blocks;
         tracing::info!(from = current * BLOCK_SIZE, to = need, "pool grown");
@@ -827,7 +838,7 @@ impl Pool {
     fn manage(&self, make: impl FnOnce(&State) -> Result<Record>) -> Result<()> {
         self.inner.check_writable()?;
         {
-            let mut live = self.inner.live.write();
+            let mut live = self.inner.live_write();
             let r = make(&live.st)?;
             if let Record::Remove { id } = &r {
                 if live.open.get(id).copied().unwrap_or(0) > 0 {
@@ -892,10 +903,71 @@ pub(crate) fn punch_runs(data: &Dev, blocks: &[u64]) {
     }
 }
 
+/// A lock guard that stops the pool if its thread panics while holding it (the state it
+/// guards may be half changed).
+pub(crate) struct Watched<'a, G> {
+    guard: G,
+    panicked: &'a AtomicBool,
+}
+
+impl<G: Deref> Deref for Watched<'_, G> {
+    type Target = G::Target;
+    fn deref(&self) -> &G::Target {
+        &self.guard
+    }
+}
+
+impl<G: DerefMut> DerefMut for Watched<'_, G> {
+    fn deref_mut(&mut self) -> &mut G::Target {
+        &mut self.guard
+    }
+}
+
+impl<G> Drop for Watched<'_, G> {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.panicked.swap(true, SeqCst) {
+            tracing::error!(
+                "a thread panicked while changing the pool's state; the pool refuses all \
+                 I/O until it is reopened, which recovers its last commit"
+            );
+        }
+    }
+}
+
 impl Inner {
+    /// `live` for changing the state (see `Watched`).
+    pub(crate) fn live_write(&self) -> Watched<'_, RwLockWriteGuard<'_, Live>> {
+        Watched {
+            guard: self.live.write(),
+            panicked: &self.panicked,
+        }
+    }
+
+    /// `store` for a commit, a checkpoint or a capacity change (see `Watched`).
+    pub(crate) fn store_lock(&self) -> Watched<'_, MutexGuard<'_, Store>> {
+        Watched {
+            guard: self.store.lock(),
+            panicked: &self.panicked,
+        }
+    }
+
+    /// Refuses everything once a thread panicked while changing the state. One atomic
+    /// load: every read calls it.
+    pub(crate) fn check_intact(&self) -> Result<()> {
+        if self.panicked.load(SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "the pool stopped after a panic while its state was being changed; reopen \
+                 it (restart the daemon) to recover its last commit",
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses writes after an I/O failure. Cheap when healthy (two atomic loads): it must
     /// not take `store`, which a commit holds across its syncs.
     pub(crate) fn check_writable(&self) -> Result<()> {
+        self.check_intact()?;
         let meta = || {
             self.meta_failed
                 .load(std::sync::atomic::Ordering::Acquire)
@@ -934,11 +1006,12 @@ impl Inner {
     /// it waited, it returns without another. Flushes that arrive together share one commit,
     /// and a flush with nothing changed since the last commit costs two loads.
     pub(crate) fn commit(&self) -> Result<()> {
+        self.check_intact()?;
         let need = self.mutations.load(SeqCst);
         if self.synced.load(SeqCst) >= need {
             return Ok(());
         }
-        let mut store = self.store.lock();
+        let mut store = self.store_lock();
         if self.synced.load(SeqCst) >= need {
             return Ok(());
         }
@@ -949,7 +1022,7 @@ impl Inner {
 
     fn commit_locked(&self, store: &mut Store) -> Result<()> {
         let (records, (frees, txn), covered) = {
-            let mut live = self.live.write();
+            let mut live = self.live_write();
             (
                 std::mem::take(&mut live.records),
                 live.st.space.take_pending(),
@@ -974,13 +1047,13 @@ impl Inner {
     /// that freed them is durable; punch before release so no new data gets punched.
     fn release(&self, frees: &[u64], txn: u64) {
         if frees.is_empty() {
-            self.live.write().st.space.settle(txn);
+            self.live_write().st.space.settle(txn);
             return;
         }
         punch_runs(&self.data, frees);
         let _g = self.gate.write();
         self.cache.invalidate(frees);
-        let mut live = self.live.write();
+        let mut live = self.live_write();
         live.st.space.release(frees);
         live.st.space.settle(txn);
     }
@@ -995,7 +1068,7 @@ impl Inner {
 
     fn checkpoint_locked(&self, store: &mut Store, needs_check: bool) -> Result<()> {
         let (frees, txn) = {
-            let mut live = self.live.write();
+            let mut live = self.live_write();
             self.data
                 .sync()
                 .map_err(|e| Error::io("flushing pool data", e))?;
@@ -1021,7 +1094,7 @@ impl Inner {
         }
         self.check_writable()?;
         self.commit()?;
-        let mut store = self.store.lock();
+        let mut store = self.store_lock();
         self.checkpoint(&mut store, false)
     }
 }

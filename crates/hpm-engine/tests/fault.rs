@@ -203,3 +203,108 @@ fn a_read_error_through_read_pieces_is_reported_and_caches_nothing() {
     let got: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(&buf).to_vec()).collect();
     assert!(got[..] == pattern(2, 1 << 20)[4096..4096 + (256 << 10)]);
 }
+
+/// A panic while the journal is being written (the store lock held, records taken) may leave
+/// the state in memory half committed: the pool stops for good (reads too), close writes no
+/// checkpoint, and a reopen on the same bytes holds the last commit, as after a crash.
+#[test]
+fn a_panic_during_a_commit_stops_the_pool_and_reopen_recovers() {
+    use hpm_testkit::fault::PanicBackend;
+    let clean = Disks::mem();
+    let meta = [
+        Arc::new(PanicBackend::new(clean.meta[0].clone())),
+        Arc::new(PanicBackend::new(clean.meta[1].clone())),
+    ];
+    let mut disks = clean.clone();
+    disks.meta = [meta[0].clone(), meta[1].clone()];
+    let pool = disks.create(&small_opts(), 8 << 20);
+    let mut model = Model::new();
+    pool.create_device("a", 1 << 20).unwrap();
+    model.create("a", 1 << 20).unwrap();
+    let a = pool.open_device("a").unwrap();
+    let first = pattern(1, 200_000);
+    a.write_at(&first, 0).unwrap();
+    model.write("a", 0, &first).unwrap();
+    a.flush().unwrap();
+    model.flush();
+    pool.snapshot("a", "s", false).unwrap();
+    model.snapshot("a", "s", false).unwrap();
+    // Copy-on-write into the snapshot's shared blocks: new mappings, not committed yet.
+    let s = pool.open_device("s").unwrap();
+    let second = pattern(2, 100_000);
+    s.write_at(&second, 4096).unwrap();
+    model.write("s", 4096, &second).unwrap();
+    for m in &meta {
+        m.panic_on_next_write();
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.flush()));
+    assert!(r.is_err(), "the journal write panicked inside the flush");
+    for m in &meta {
+        m.disarm();
+    }
+    // Stopped: reads, writes, flushes and management operations refuse, saying why.
+    let mut buf = vec![0u8; 4096];
+    let e = a.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
+    assert!(e.to_string().contains("panic"), "{e}");
+    let e = s.write_at(b"x", 0).unwrap_err();
+    assert!(e.to_string().contains("reopen"), "{e}");
+    assert!(a.flush().is_err());
+    assert!(pool.create_device("b", 1 << 20).is_err());
+    drop((a, s));
+    assert!(
+        pool.close().is_err(),
+        "close writes no checkpoint after the panic"
+    );
+    // Reopen on the same bytes: clean, and every flushed write is there.
+    let pool = clean.open().expect("reopen after the panic");
+    verify_crash(&pool, &mut model, "after a panic in a commit");
+    let report = hpm_engine::check_storage(clean.storage()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    pool.open_device("s")
+        .unwrap()
+        .write_at(b"works", 0)
+        .unwrap();
+    pool.close().unwrap();
+}
+
+/// A panic in the data I/O of a read changes no state: it stops nothing, and a block whose
+/// cache fill panicked is not left claimed (the next reader would wait for it for ever).
+#[test]
+fn a_panic_in_a_read_stops_nothing_and_leaves_no_claim_behind() {
+    use hpm_testkit::fault::PanicBackend;
+    let clean = Disks::mem();
+    let data = Arc::new(PanicBackend::new(clean.data.clone()));
+    let mut disks = clean.clone();
+    disks.data = data.clone();
+    let pool = disks.create(&small_opts(), 8 << 20);
+    pool.create_device("a", 1 << 20).unwrap();
+    let want = pattern(3, 1 << 20);
+    pool.open_device("a").unwrap().write_at(&want, 0).unwrap();
+    // The clone's blocks are shared: its reads fill the cache.
+    pool.snapshot("a", "c", false).unwrap();
+    let c = pool.open_device("c").unwrap();
+    data.panic_on_next_read();
+    let mut buf = vec![0u8; 64 << 10];
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        c.read_at(&mut buf, 8192).map(|_| ())
+    }));
+    assert!(r.is_err(), "the data read panicked");
+    // The same blocks again, from another thread, with a deadline: not stuck on the claims.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c2 = pool.open_device("c").unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        let r = c2.read_at(&mut buf, 8192).map(|()| buf);
+        let _ = tx.send(r);
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("a read of the blocks whose fill panicked must not wait for ever")
+        .unwrap();
+    assert!(got[..] == want[8192..8192 + (64 << 10)]);
+    c.write_at(b"still writable", 0).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    pool.close().unwrap();
+}

@@ -15,7 +15,8 @@
 
 use crate::fs::DeviceFs;
 use crate::wire::{
-    dispatch, op, op_header_len, out_header, read_args, u32_at, u64_at, Access, IN_HEADER,
+    dispatch, op, op_header_len, out_header, panic_text, read_args, u32_at, u64_at, Access,
+    IN_HEADER,
 };
 use fuser::Errno;
 use hpm_engine::ReadPiece;
@@ -103,7 +104,26 @@ impl Worker {
                     return;
                 }
             };
-            self.serve(n);
+            // A panic in the handling of one request (a bug) must not cost a worker: its
+            // descriptor would close, the kernel would end the request with ECONNABORTED,
+            // and once no worker is left requests wait until the connection ends. It is
+            // answered EIO and the worker goes on. (A panic while the engine was changing
+            // its state has stopped the pool: every later request fails too, with the
+            // reason in the log.)
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(n)))
+            {
+                self.pieces.clear();
+                if n >= IN_HEADER {
+                    let unique = u64_at(&self.req, 8);
+                    tracing::error!(
+                        unique,
+                        opcode = u32_at(&self.req, 4),
+                        "handling a FUSE request panicked ({}); answered EIO",
+                        panic_text(&*p)
+                    );
+                    self.reply_error(unique, Errno::EIO);
+                }
+            }
         }
     }
 

@@ -335,6 +335,14 @@ fn dirent(out: &mut [u8], ino: u64, cookie: u64, kind: FileType, name: &str) -> 
     Some(len)
 }
 
+/// What a caught panic said, for the log.
+pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

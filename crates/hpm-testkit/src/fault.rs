@@ -226,6 +226,79 @@ impl<B: Backend> Backend for FaultBackend<B> {
     }
 }
 
+/// A backend wrapper that panics, once per arming, in the next `read_at` or `write_at` of the
+/// wrapped backend (the operation never reaches it): for the tests of what a panic in the
+/// middle of the engine's work leaves behind.
+pub struct PanicBackend {
+    inner: Arc<dyn Backend>,
+    next_read: std::sync::atomic::AtomicBool,
+    next_write: std::sync::atomic::AtomicBool,
+}
+
+impl PanicBackend {
+    /// Wraps `inner`, disarmed.
+    pub fn new(inner: Arc<dyn Backend>) -> Self {
+        Self {
+            inner,
+            next_read: false.into(),
+            next_write: false.into(),
+        }
+    }
+
+    /// The next `read_at` panics.
+    pub fn panic_on_next_read(&self) {
+        self.next_read
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next `write_at` panics.
+    pub fn panic_on_next_write(&self) {
+        self.next_write
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Nothing panics any more.
+    pub fn disarm(&self) {
+        self.next_read
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.next_write
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Backend for PanicBackend {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self
+            .next_read
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("injected panic: read of {} bytes at {offset}", buf.len());
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self
+            .next_write
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("injected panic: write of {} bytes at {offset}", buf.len());
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch(offset, len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

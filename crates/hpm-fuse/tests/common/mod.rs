@@ -49,6 +49,23 @@ impl Env {
         Env::exact(opts)
     }
 
+    /// An export beside `pool` (a pool the test built on stores of its own), with `opts`
+    /// or, as `new`, over io_uring when HPM_TEST_FUSE_IO_URING=1.
+    pub fn on_pool(pool: Pool, opts: &FuseOptions) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let uring = std::env::var("HPM_TEST_FUSE_IO_URING").is_ok_and(|v| v == "1");
+        let opts = FuseOptions {
+            io_uring: uring || opts.io_uring,
+            ..opts.clone()
+        };
+        let export = FuseExport::mount(&dir.path().join("dev"), &opts).unwrap();
+        assert!(
+            !uring || export.io_uring_workers() > 0,
+            "HPM_TEST_FUSE_IO_URING=1 but the export serves /dev/fuse only"
+        );
+        Env { export, pool, dir }
+    }
+
     /// A pool and an export with exactly `opts`.
     pub fn exact(opts: &FuseOptions) -> Env {
         // Under /tmp or $TMPDIR; not tmpfs here, but the pool file never needs O_DIRECT.
