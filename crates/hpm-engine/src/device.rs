@@ -137,7 +137,7 @@ type Ops = SmallVec<[Op; 16]>;
 impl Pool {
     /// Opens device `name` for I/O.
     pub fn open_device(&self, name: &str) -> Result<Device> {
-        let mut live = self.inner.live_write();
+        let mut live = self.inner.live_write()?;
         let d = live.st.by_name(name).ok_or_else(|| not_found(name))?;
         let (id, read_only, size) = (d.id, d.read_only, d.size_seen.clone());
         *live.open.entry(id).or_default() += 1;
@@ -153,7 +153,10 @@ impl Pool {
 
 impl Drop for Device {
     fn drop(&mut self) {
-        let mut live = self.inner.live_write();
+        // A stopped pool keeps its open counts: nothing is removed from it any more.
+        let Ok(mut live) = self.inner.live_write() else {
+            return;
+        };
         if let Some(n) = live.open.get_mut(&self.id) {
             *n -= 1;
             if *n == 0 {
@@ -598,10 +601,11 @@ impl Device {
             None => self.plan_alloc(first, last)?,
         };
         if let Err(e) = self.write_ops(&ops, data, off) {
-            let mut live = inner.live_write();
-            for op in &ops {
-                if !matches!(op.kind, Kind::InPlace) {
-                    live.st.space.unreserve(op.pblock);
+            if let Ok(mut live) = inner.live_write() {
+                for op in &ops {
+                    if !matches!(op.kind, Kind::InPlace) {
+                        live.st.space.unreserve(op.pblock);
+                    }
                 }
             }
             return Err(e);
@@ -611,7 +615,7 @@ impl Device {
             inner.mutations.fetch_add(1, Ordering::SeqCst);
             return Ok(());
         }
-        let mut live = inner.live_write();
+        let mut live = inner.live_write()?;
         let live = &mut *live;
         for op in ops.iter().filter(|o| !matches!(o.kind, Kind::InPlace)) {
             live.st.space.unreserve(op.pblock);
@@ -636,7 +640,7 @@ impl Device {
         let cb = inner.geo.chunk_blocks;
         let c = u64::from(cb);
         let vchunk = first / c;
-        let mut live = inner.live_write();
+        let mut live = inner.live_write()?;
         let st = &mut live.st;
         let d = st
             .devices
@@ -815,7 +819,7 @@ impl Device {
         let cb = self.inner.geo.chunk_blocks;
         self.per_chunk(first * B, (end - first) * B, |s, e| {
             let _stripe = self.stripe(s / B / u64::from(cb)).lock();
-            let mut live = self.inner.live_write();
+            let mut live = self.inner.live_write()?;
             let live = &mut *live;
             for b in s / B..e / B {
                 let d = live

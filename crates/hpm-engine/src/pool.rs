@@ -657,7 +657,7 @@ impl Pool {
             return Err(e);
         }
         // Only now may blocks of the new space be handed out.
-        let mut live = inner.live_write();
+        let mut live = inner.live_write()?;
         live.st.space.grow(blocks);
         live.st.geo.capacity_blocks = blocks;
         tracing::info!(from = current * BLOCK_SIZE, to = need, "pool grown");
@@ -838,7 +838,7 @@ impl Pool {
     fn manage(&self, make: impl FnOnce(&State) -> Result<Record>) -> Result<()> {
         self.inner.check_writable()?;
         {
-            let mut live = self.inner.live_write();
+            let mut live = self.inner.live_write()?;
             let r = make(&live.st)?;
             if let Record::Remove { id } = &r {
                 if live.open.get(id).copied().unwrap_or(0) > 0 {
@@ -908,6 +908,9 @@ pub(crate) fn punch_runs(data: &Dev, blocks: &[u64]) {
 pub(crate) struct Watched<'a, G> {
     guard: G,
     panicked: &'a AtomicBool,
+    /// The thread was unwinding already when it took the lock (a destructor run by some
+    /// other panic, `Device::drop` say): only a panic that starts under the lock counts.
+    unwinding: bool,
 }
 
 impl<G: Deref> Deref for Watched<'_, G> {
@@ -925,7 +928,7 @@ impl<G: DerefMut> DerefMut for Watched<'_, G> {
 
 impl<G> Drop for Watched<'_, G> {
     fn drop(&mut self) {
-        if std::thread::panicking() && !self.panicked.swap(true, SeqCst) {
+        if !self.unwinding && std::thread::panicking() && !self.panicked.swap(true, SeqCst) {
             tracing::error!(
                 "a thread panicked while changing the pool's state; the pool refuses all \
                  I/O until it is reopened, which recovers its last commit"
@@ -935,19 +938,26 @@ impl<G> Drop for Watched<'_, G> {
 }
 
 impl Inner {
-    /// `live` for changing the state (see `Watched`).
-    pub(crate) fn live_write(&self) -> Watched<'_, RwLockWriteGuard<'_, Live>> {
-        Watched {
+    /// `live` for changing the state (see `Watched`), refused once the pool has stopped:
+    /// checked after the lock is taken, so that nothing that was waiting for it while
+    /// another thread panicked under it goes on from the half-changed state.
+    pub(crate) fn live_write(&self) -> Result<Watched<'_, RwLockWriteGuard<'_, Live>>> {
+        let guard = Watched {
             guard: self.live.write(),
             panicked: &self.panicked,
-        }
+            unwinding: std::thread::panicking(),
+        };
+        self.check_intact()?;
+        Ok(guard)
     }
 
-    /// `store` for a commit, a checkpoint or a capacity change (see `Watched`).
+    /// `store` for a commit, a checkpoint or a capacity change (see `Watched`). What they
+    /// change in the state goes through `live_write`, which refuses a stopped pool.
     pub(crate) fn store_lock(&self) -> Watched<'_, MutexGuard<'_, Store>> {
         Watched {
             guard: self.store.lock(),
             panicked: &self.panicked,
+            unwinding: std::thread::panicking(),
         }
     }
 
@@ -1022,7 +1032,7 @@ impl Inner {
 
     fn commit_locked(&self, store: &mut Store) -> Result<()> {
         let (records, (frees, txn), covered) = {
-            let mut live = self.live_write();
+            let mut live = self.live_write()?;
             (
                 std::mem::take(&mut live.records),
                 live.st.space.take_pending(),
@@ -1046,14 +1056,22 @@ impl Inner {
     /// Punches freed blocks and makes them reusable. IMPORTANT: only after the transaction
     /// that freed them is durable; punch before release so no new data gets punched.
     fn release(&self, frees: &[u64], txn: u64) {
+        // A stopped pool releases nothing: the frees may come from a half-made change.
         if frees.is_empty() {
-            self.live_write().st.space.settle(txn);
+            if let Ok(mut live) = self.live_write() {
+                live.st.space.settle(txn);
+            }
+            return;
+        }
+        if self.check_intact().is_err() {
             return;
         }
         punch_runs(&self.data, frees);
         let _g = self.gate.write();
         self.cache.invalidate(frees);
-        let mut live = self.live_write();
+        let Ok(mut live) = self.live_write() else {
+            return;
+        };
         live.st.space.release(frees);
         live.st.space.settle(txn);
     }
@@ -1068,7 +1086,7 @@ impl Inner {
 
     fn checkpoint_locked(&self, store: &mut Store, needs_check: bool) -> Result<()> {
         let (frees, txn) = {
-            let mut live = self.live_write();
+            let mut live = self.live_write()?;
             self.data
                 .sync()
                 .map_err(|e| Error::io("flushing pool data", e))?;

@@ -308,3 +308,24 @@ fn a_panic_in_a_read_stops_nothing_and_leaves_no_claim_behind() {
     drop(c);
     pool.close().unwrap();
 }
+
+/// A panic elsewhere (here: in code that merely holds a device handle) stops nothing, even
+/// though the handle's destructor, run by the unwinding, takes the state lock to count the
+/// handle closed.
+#[test]
+fn a_panic_outside_the_engine_with_a_device_open_stops_nothing() {
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 8 << 20);
+    pool.create_device("a", 1 << 20).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _a = pool.open_device("a").unwrap();
+        panic!("a bug in a caller that holds a device");
+    }));
+    assert!(r.is_err());
+    let a = pool.open_device("a").unwrap();
+    a.write_at(b"fine", 0).unwrap();
+    a.flush().unwrap();
+    drop(a);
+    pool.remove_device("a").unwrap();
+    pool.close().unwrap();
+}
