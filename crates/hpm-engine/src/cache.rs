@@ -211,7 +211,7 @@ struct AbandonOnPanic<'a> {
     cache: &'a BlockCache,
     owner: u32,
     p0: u64,
-    claimed: &'a [(usize, Arc<Flight>)],
+    claimed: Vec<(usize, Arc<Flight>)>,
 }
 
 impl Drop for AbandonOnPanic<'_> {
@@ -219,7 +219,7 @@ impl Drop for AbandonOnPanic<'_> {
         if !std::thread::panicking() {
             return;
         }
-        for (i, f) in self.claimed {
+        for (i, f) in &self.claimed {
             if f.finish_if_open(Err("the read filling this block panicked".into())) {
                 self.cache.detach((self.owner, self.p0 + *i as u64), f);
             }
@@ -370,7 +370,15 @@ impl BlockCache {
         let n = out.len() / B;
         debug_assert_eq!(out.len() % B, 0);
         let owner = self.owner(dev);
-        let mut claimed: Vec<(usize, Arc<Flight>)> = Vec::new();
+        // If this thread panics before it has filled what it claimed, the claims must still
+        // end (with an error) and leave the map: later readers of those blocks would wait
+        // on them for ever.
+        let mut abandon = AbandonOnPanic {
+            cache: self,
+            owner,
+            p0,
+            claimed: Vec::new(),
+        };
         let mut waits: Vec<(usize, Arc<Flight>)> = Vec::new();
         for i in 0..n {
             let key = (owner, p0 + i as u64);
@@ -394,20 +402,12 @@ impl BlockCache {
                         done: Condvar::new(),
                     });
                     sh.map.insert(key, Slot::Loading(f.clone()));
-                    claimed.push((i, f));
+                    abandon.claimed.push((i, f));
                     self.c.misses.fetch_add(1, Relaxed);
                 }
             }
         }
-        // If this thread panics before it has filled what it claimed, the claims must still
-        // end (with an error) and leave the map: later readers of those blocks would wait
-        // on them for ever.
-        let abandon = AbandonOnPanic {
-            cache: self,
-            owner,
-            p0,
-            claimed: &claimed,
-        };
+        let claimed = &abandon.claimed;
         let mut read_bytes = 0;
         let mut result = Ok(());
         let mut k = 0;
