@@ -226,6 +226,56 @@ impl Device {
         self.size.load(Ordering::Acquire)
     }
 
+    /// Which parts of `off..off + len` are mapped: consecutive extents `(bytes, mapped)`
+    /// in order, at most `max` of them (at least one), together covering the range or a
+    /// prefix of it. An unmapped extent reads as zeros; a mapped one holds whatever was
+    /// written (zeros included). A block counts whole: a range that starts or ends inside
+    /// one takes that block's state for the part it covers.
+    pub fn allocation(&self, off: u64, len: u64, max: usize) -> Result<Vec<(u64, bool)>> {
+        let inner = &*self.inner;
+        inner.check_intact()?;
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        if len == 0 {
+            return Ok(out);
+        }
+        let max = max.max(1);
+        let cb = inner.geo.chunk_blocks;
+        let c = u64::from(cb);
+        let end = off
+            .checked_add(len)
+            .ok_or_else(|| self.range_error(off, len, self.size()))?;
+        let live = inner.live.read();
+        let d = self.in_range(&live.st, off, len)?;
+        let mut at = off;
+        while at < end {
+            // The next run of one state, found a chunk at a time where the chunk is
+            // unmapped or wholly mapped, block by block elsewhere.
+            let b = at / B;
+            let (v, i) = (b / c, (b % c) as u32);
+            let (mapped, run_end) = match d.map.get(v) {
+                None => (false, (v + 1) * c * B),
+                Some(crate::map::Entry::Compact { present: None, .. }) => (true, (v + 1) * c * B),
+                Some(e) => {
+                    let mapped = e.block(i, cb).is_some();
+                    let mut j = i + 1;
+                    while j < cb && e.block(j, cb).is_some() == mapped {
+                        j += 1;
+                    }
+                    (mapped, (v * c + u64::from(j)) * B)
+                }
+            };
+            let next = run_end.min(end);
+            let full = out.len() == max;
+            match out.last_mut() {
+                Some((n, m)) if *m == mapped => *n += next - at,
+                _ if full => break,
+                _ => out.push((next - at, mapped)),
+            }
+            at = next;
+        }
+        Ok(out)
+    }
+
     fn range_error(&self, off: u64, len: u64, size: u64) -> Error {
         Error::new(
             ErrorKind::Invalid,

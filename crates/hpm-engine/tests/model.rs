@@ -351,3 +351,51 @@ fn removed_devices_space_is_reused_and_reads_zero() {
     }
     assert_eq!(pool.info().unwrap().used_bytes, 0);
 }
+
+/// `Device::allocation` exactly, on a known layout: written blocks are mapped, discarded
+/// and zeroed ones are not, whole unmapped chunks and wholly mapped ones are one extent
+/// each, a snapshot answers as its origin until it writes, and `max` cuts the list.
+#[test]
+fn allocation_reports_exactly_the_mapped_blocks() {
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 8 << 20); // 64 KiB chunks: 16 blocks
+    pool.create_device("a", 2 << 20).unwrap();
+    let a = pool.open_device("a").unwrap();
+    a.write_at(&[1u8; 4096], 0).unwrap(); // block 0
+    a.write_at(&[2u8; 3 * 4096], 3 * B).unwrap(); // blocks 3..6
+    a.write_at(&[3u8; 16 * 4096], 32 * B).unwrap(); // chunk 2, whole
+    a.write_at(&[4u8; 100], 100 * B + 10).unwrap(); // inside block 100
+    a.discard(3 * B, B).unwrap(); // block 3 again unmapped
+    a.write_zeroes(5 * B, B).unwrap(); // block 5 too
+    let mb = |n: u64| n * B;
+    let want = vec![
+        (mb(1), true),
+        (mb(3), false),
+        (mb(1), true), // block 4
+        (mb(27), false),
+        (mb(16), true), // chunk 2
+        (mb(52), false),
+        (mb(1), true), // block 100
+        (mb(512 - 101), false),
+    ];
+    assert_eq!(a.allocation(0, 2 << 20, usize::MAX).unwrap(), want);
+    assert_eq!(a.allocation(0, 2 << 20, 3).unwrap(), want[..3].to_vec());
+    assert_eq!(a.allocation(0, 2 << 20, 0).unwrap(), want[..1].to_vec());
+    // Inside blocks: the covered parts take their blocks' states.
+    assert_eq!(
+        a.allocation(4096 + 512, 3 * 4096, 8).unwrap(),
+        vec![(3 * 4096 - 512, false), (512, true)] // blocks 1-3, then into block 4
+    );
+    assert_eq!(a.allocation(40 * B, 10, 8).unwrap(), vec![(10, true)]);
+    assert!(a.allocation(0, (2 << 20) + 1, 8).is_err(), "past the end");
+    assert_eq!(a.allocation(7, 0, 8).unwrap(), vec![]);
+    pool.snapshot("a", "s", false).unwrap();
+    let s = pool.open_device("s").unwrap();
+    assert_eq!(s.allocation(0, 2 << 20, usize::MAX).unwrap(), want);
+    s.write_at(&[5u8; 4096], 200 * B).unwrap();
+    let got = s.allocation(0, 2 << 20, usize::MAX).unwrap();
+    assert_eq!(
+        got[got.len() - 3..],
+        [(mb(99), false), (mb(1), true), (mb(311), false)]
+    );
+}

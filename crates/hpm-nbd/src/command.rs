@@ -1,8 +1,8 @@
 //! What each command does to the device: validation against the export (range, flags,
 //! read-only) and the blocking device call.
 //!
-//! This module owns the meaning of READ, WRITE, FLUSH, TRIM and WRITE_ZEROES in engine
-//! terms. It is synchronous and knows nothing of sockets; `prepare` must never touch the
+//! This module owns the meaning of READ, WRITE, FLUSH, TRIM, WRITE_ZEROES and BLOCK_STATUS
+//! in engine terms. It is synchronous and knows nothing of sockets; `prepare` must never touch the
 //! device and `execute` must never be called on the async runtime's threads.
 
 use crate::errors::{Failure, Op};
@@ -11,6 +11,11 @@ use hpm_engine::Device;
 
 /// Zeros written per call when WRITE_ZEROES must allocate (`NO_HOLE`).
 const ZERO_PIECE: usize = 1 << 20;
+
+/// Most extents in one BLOCK_STATUS reply (32 KiB of descriptors); a request whose range
+/// needs more is answered for a prefix, which the spec allows (the client asks again from
+/// where the reply ends).
+pub(crate) const MAX_EXTENTS: usize = 4096;
 
 /// A validated request, ready for the device.
 #[derive(Debug)]
@@ -36,6 +41,12 @@ pub(crate) enum Work {
         fua: bool,
         no_hole: bool,
     },
+    Status {
+        offset: u64,
+        length: u32,
+        one: bool,
+        id: u32,
+    },
 }
 
 pub(crate) fn op_of(kind: u16) -> Op {
@@ -48,18 +59,22 @@ pub(crate) fn op_of(kind: u16) -> Op {
     }
 }
 
-/// Checks a request against the export and turns it into work. `payload` is the WRITE data.
+/// Checks a request against the export and turns it into work. `payload` is the WRITE data;
+/// `base_allocation` the context id of `base:allocation` if the client selected it.
 pub(crate) fn prepare(
     req: &Request,
     size: u64,
     read_only: bool,
     payload: Vec<u8>,
+    base_allocation: Option<u32>,
 ) -> Result<Work, Failure> {
     let allowed = match req.kind {
         // DF is harmless: a READ reply is never fragmented.
         cmd::READ => cflag::FUA | cflag::DF,
         cmd::WRITE | cmd::FLUSH | cmd::TRIM => cflag::FUA,
         cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE,
+        // FUA is valid on every command (and means nothing here).
+        cmd::BLOCK_STATUS => cflag::FUA | cflag::REQ_ONE,
         other => return Err(Failure::UnknownCommand(other)),
     };
     if req.flags & !allowed != 0 {
@@ -70,7 +85,13 @@ pub(crate) fn prepare(
     if req.kind == cmd::FLUSH {
         return Ok(Work::Flush);
     }
-    if req.kind != cmd::READ && read_only {
+    if req.kind == cmd::BLOCK_STATUS {
+        base_allocation.ok_or(Failure::NoMetaContext)?;
+        if length == 0 {
+            return Err(Failure::Empty);
+        }
+    }
+    if !matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS) && read_only {
         return Err(Failure::ReadOnly);
     }
     if req.kind == cmd::READ && length > proto::MAX_PAYLOAD {
@@ -98,6 +119,12 @@ pub(crate) fn prepare(
             length,
             fua,
         },
+        cmd::BLOCK_STATUS => Work::Status {
+            offset,
+            length,
+            one: req.flags & cflag::REQ_ONE != 0,
+            id: base_allocation.ok_or(Failure::NoMetaContext)?,
+        },
         _ => Work::Zeroes {
             offset,
             length,
@@ -120,6 +147,30 @@ pub(crate) fn execute(dev: &Device, work: Work) -> Result<Vec<u8>, Failure> {
             fua
         }
         Work::Flush => true,
+        Work::Status {
+            offset,
+            length,
+            one,
+            id,
+        } => {
+            let max = if one { 1 } else { MAX_EXTENTS };
+            let extents = dev
+                .allocation(offset, u64::from(length), max)
+                .map_err(Failure::Engine)?;
+            let descriptors: Vec<(u32, u32)> = extents
+                .iter()
+                .map(|&(len, mapped)| {
+                    let flags = if mapped {
+                        0
+                    } else {
+                        proto::state::HOLE | proto::state::ZERO
+                    };
+                    // Within the request's own u32 length.
+                    (len as u32, flags)
+                })
+                .collect();
+            return Ok(proto::block_status_payload(id, &descriptors));
+        }
         Work::Trim {
             offset,
             length,

@@ -14,7 +14,11 @@ fn req(kind: u16, flags: u16, offset: u64, length: u32) -> Request {
 }
 
 fn errno_of(r: &Request, size: u64, read_only: bool) -> Option<u32> {
-    prepare(r, size, read_only, vec![0; r.length as usize])
+    errno_with(r, size, read_only, None)
+}
+
+fn errno_with(r: &Request, size: u64, read_only: bool, meta: Option<u32>) -> Option<u32> {
+    prepare(r, size, read_only, vec![0; r.length as usize], meta)
         .err()
         .map(|f| nbd_errno(op_of(r.kind), &f))
 }
@@ -49,10 +53,46 @@ fn requests_are_checked_against_the_export() {
         (req(cmd::WRITE_ZEROES, 0, 0, 1), true, Some(EPERM)),
         (req(cmd::FLUSH, 0, 0, 0), true, None),
         (req(5, 0, 0, 0), false, Some(EINVAL)), // CACHE: not offered
-        (req(7, 0, 0, 0), false, Some(EINVAL)), // BLOCK_STATUS: not offered
+        (req(7, 0, 0, 4096), false, Some(EINVAL)), // BLOCK_STATUS: no context selected
         (req(0xffff, 0, 0, 0), false, Some(EINVAL)),
     ];
     for (r, ro, want) in table {
         assert_eq!(errno_of(r, S, *ro), *want, "{r:?} read_only={ro}");
+    }
+}
+
+#[test]
+fn block_status_needs_its_context_and_a_range_within_the_export() {
+    const S: u64 = 1 << 20;
+    let meta = Some(proto::BASE_ALLOCATION_ID);
+    let table: &[(Request, bool, Option<u32>)] = &[
+        (req(cmd::BLOCK_STATUS, 0, 0, S as u32), false, None),
+        (req(cmd::BLOCK_STATUS, cflag::REQ_ONE, 4096, 1), true, None),
+        (req(cmd::BLOCK_STATUS, cflag::FUA, 0, 512), false, None),
+        (req(cmd::BLOCK_STATUS, 0, 0, 0), false, Some(EINVAL)),
+        (req(cmd::BLOCK_STATUS, 0, S - 1, 2), false, Some(EINVAL)),
+        (
+            req(cmd::BLOCK_STATUS, cflag::DF, 0, 512),
+            false,
+            Some(EINVAL),
+        ),
+    ];
+    for (r, ro, want) in table {
+        assert_eq!(errno_with(r, S, *ro, meta), *want, "{r:?} read_only={ro}");
+    }
+    match prepare(
+        &req(cmd::BLOCK_STATUS, cflag::REQ_ONE, 8, 100),
+        S,
+        true,
+        Vec::new(),
+        meta,
+    ) {
+        Ok(Work::Status {
+            offset: 8,
+            length: 100,
+            one: true,
+            id,
+        }) => assert_eq!(id, proto::BASE_ALLOCATION_ID),
+        other => panic!("{other:?}"),
     }
 }

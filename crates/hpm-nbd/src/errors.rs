@@ -55,6 +55,10 @@ pub(crate) enum Failure {
     UnknownCommand(u16),
     /// Command flags that are unknown or not valid for the command.
     BadFlags(u16),
+    /// `BLOCK_STATUS` without `base:allocation` selected in the handshake.
+    NoMetaContext,
+    /// A zero-length `BLOCK_STATUS`.
+    Empty,
 }
 
 impl fmt::Display for Failure {
@@ -77,6 +81,11 @@ impl fmt::Display for Failure {
             ),
             Failure::UnknownCommand(c) => write!(f, "command type {c} is not supported"),
             Failure::BadFlags(fl) => write!(f, "command flags {fl:#x} are not valid here"),
+            Failure::NoMetaContext => f.write_str(
+                "BLOCK_STATUS needs the base:allocation metadata context, selected with \
+                 SET_META_CONTEXT before entering transmission",
+            ),
+            Failure::Empty => f.write_str("a BLOCK_STATUS request must cover at least one byte"),
         }
     }
 }
@@ -96,7 +105,11 @@ pub(crate) fn nbd_errno(op: Op, failure: &Failure) -> u32 {
         Failure::PastEnd { .. } if op == Op::Write => ENOSPC,
         Failure::PastEnd { .. } => EINVAL,
         Failure::ReadOnly => EPERM,
-        Failure::TooLarge(_) | Failure::UnknownCommand(_) | Failure::BadFlags(_) => EINVAL,
+        Failure::TooLarge(_)
+        | Failure::UnknownCommand(_)
+        | Failure::BadFlags(_)
+        | Failure::NoMetaContext
+        | Failure::Empty => EINVAL,
     }
 }
 
@@ -129,6 +142,8 @@ mod tests {
             (Op::Read, past(), EINVAL),
             (Op::Trim, past(), EINVAL),
             (Op::Write, Failure::ReadOnly, EPERM),
+            (Op::Other, Failure::NoMetaContext, EINVAL),
+            (Op::Other, Failure::Empty, EINVAL),
             (Op::Trim, Failure::ReadOnly, EPERM),
             (Op::Read, Failure::TooLarge(64 << 20), EINVAL),
             (Op::Other, Failure::UnknownCommand(99), EINVAL),

@@ -1,6 +1,7 @@
 //! The fixed newstyle handshake: greeting, client flags, and the option loop (`LIST`,
-//! `INFO`, `GO`, `EXPORT_NAME`, `ABORT`, `STRUCTURED_REPLY`; everything else, `STARTTLS`
-//! included, is answered `NBD_REP_ERR_UNSUP`).
+//! `INFO`, `GO`, `EXPORT_NAME`, `ABORT`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and
+//! `SET_META_CONTEXT` for `base:allocation`; everything else, `STARTTLS` included, is
+//! answered `NBD_REP_ERR_UNSUP`).
 //!
 //! This module owns the negotiation state (structured replies, no-zeroes) and the choice of
 //! export and transmission flags. It opens the device only when the client enters
@@ -8,7 +9,7 @@
 //! before reading all of its data, and never read more than `MAX_OPTION_DATA` bytes of one
 //! option: a client that sends more is closed, not buffered.
 
-use crate::proto::{self, opt, rep, tflag, InfoRequest, OptionHeader};
+use crate::proto::{self, opt, rep, tflag, InfoRequest, MetaRequest, OptionHeader};
 use hpm_engine::{Device, ErrorKind, Pool};
 use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -19,6 +20,9 @@ pub(crate) struct Export {
     pub device: Device,
     /// Whether READ replies must be structured.
     pub structured: bool,
+    /// The id of `base:allocation` if the client selected it for this export (then
+    /// `BLOCK_STATUS` is answered).
+    pub base_allocation: Option<u32>,
 }
 
 /// Why a negotiation ended without an export.
@@ -69,6 +73,8 @@ struct Negotiation<'a, R, W> {
     pool: &'a Pool,
     structured: bool,
     no_zeroes: bool,
+    /// The export `base:allocation` was selected for by the last `SET_META_CONTEXT`.
+    meta_for: Option<Vec<u8>>,
 }
 
 /// Runs the handshake on a fresh connection. Returns the export to serve once the client
@@ -93,6 +99,7 @@ where
         pool,
         structured: false,
         no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
+        meta_for: None,
     };
     loop {
         if let Some(export) = n.option().await? {
@@ -151,6 +158,9 @@ where
                 self.structured = true;
                 self.reply(h.option, rep::ACK, &[]).await?;
             }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                self.meta_context(h.option, &data).await?
+            }
             opt::STARTTLS => {
                 self.error(
                     h.option,
@@ -183,7 +193,53 @@ where
         Ok(Some(Export {
             device,
             structured: self.structured,
+            base_allocation: self.base_allocation_for(data),
         }))
+    }
+
+    /// The context id of `base:allocation` for export `name`, if the client selected it
+    /// for that export (a selection made for another export does not carry over).
+    fn base_allocation_for(&self, name: &[u8]) -> Option<u32> {
+        (self.meta_for.as_deref() == Some(name)).then_some(proto::BASE_ALLOCATION_ID)
+    }
+
+    /// `LIST_META_CONTEXT` and `SET_META_CONTEXT`. The one context is `base:allocation`;
+    /// a list with no query, or the query `base:`, lists it; a set selects it only by its
+    /// full name, and replaces any earlier selection.
+    async fn meta_context(&mut self, option: u32, data: &[u8]) -> Result<(), End> {
+        if !self.structured {
+            let msg = "metadata contexts need structured replies: send STRUCTURED_REPLY first";
+            self.error(option, rep::ERR_INVALID, msg).await?;
+            return Ok(());
+        }
+        let Some(req) = MetaRequest::decode(data) else {
+            let msg = "malformed metadata context data: the lengths do not add up";
+            self.error(option, rep::ERR_INVALID, msg).await?;
+            return Ok(());
+        };
+        let name = String::from_utf8_lossy(&req.name).into_owned();
+        let valid = std::str::from_utf8(&req.name).is_ok();
+        let (pool, n) = (self.pool.clone(), name.clone());
+        if !(valid && blocking(move || pool.device_info(&n).is_ok()).await?) {
+            self.unknown(option, &name).await?;
+            return Ok(());
+        }
+        let list = option == opt::LIST_META_CONTEXT;
+        let wanted = (list && req.queries.is_empty())
+            || req
+                .queries
+                .iter()
+                .any(|q| q == proto::BASE_ALLOCATION.as_bytes() || (list && q == b"base:"));
+        if !list {
+            self.meta_for = wanted.then_some(req.name);
+        }
+        if wanted {
+            let id = if list { 0 } else { proto::BASE_ALLOCATION_ID };
+            let ctx = proto::meta_context(id, proto::BASE_ALLOCATION);
+            self.send(option, rep::META_CONTEXT, &ctx).await?;
+        }
+        self.reply(option, rep::ACK, &[]).await?;
+        Ok(())
     }
 
     async fn info_or_go(&mut self, option: u32, data: &[u8]) -> Result<Option<Export>, End> {
@@ -226,6 +282,7 @@ where
         Ok(device.map(|device| Export {
             device,
             structured: self.structured,
+            base_allocation: self.base_allocation_for(&req.name),
         }))
     }
 

@@ -2,7 +2,8 @@
 //! protocol, with the device name as the export name.
 //!
 //! Fixed newstyle handshake (`LIST`, `INFO`, `GO`, `EXPORT_NAME`, `ABORT`,
-//! `STRUCTURED_REPLY`); READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES and DISC with many
+//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` / `SET_META_CONTEXT` for `base:allocation`);
+//! READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS and DISC with many
 //! requests in flight per connection; multi-conn (FLUSH commits the whole pool); read-only
 //! exports for read-only devices. Simple replies always work (the Linux kernel client
 //! speaks nothing else); READs use structured replies when the client negotiates them.

@@ -44,6 +44,10 @@ pub mod opt {
     pub const GO: u32 = 7;
     /// Use structured replies in transmission.
     pub const STRUCTURED_REPLY: u32 = 8;
+    /// List the metadata contexts that match queries.
+    pub const LIST_META_CONTEXT: u32 = 9;
+    /// Select metadata contexts for `BLOCK_STATUS`.
+    pub const SET_META_CONTEXT: u32 = 10;
 }
 
 /// Option reply types.
@@ -54,6 +58,8 @@ pub mod rep {
     pub const SERVER: u32 = 2;
     /// One `NBD_INFO_*` item of an `INFO` or `GO`.
     pub const INFO: u32 = 3;
+    /// One metadata context of a `LIST_META_CONTEXT` or `SET_META_CONTEXT`.
+    pub const META_CONTEXT: u32 = 4;
     /// The option is not known to this server.
     pub const ERR_UNSUP: u32 = (1 << 31) + 1;
     /// The option is known but refused by policy.
@@ -108,6 +114,8 @@ pub mod cmd {
     pub const TRIM: u16 = 4;
     /// Write zeroes.
     pub const WRITE_ZEROES: u16 = 6;
+    /// Which parts of a range are allocated (`base:allocation`).
+    pub const BLOCK_STATUS: u16 = 7;
 }
 
 /// Command flags.
@@ -118,6 +126,8 @@ pub mod cflag {
     pub const NO_HOLE: u16 = 1 << 1;
     /// Do not fragment a structured read reply.
     pub const DF: u16 = 1 << 2;
+    /// `BLOCK_STATUS`: one extent is enough.
+    pub const REQ_ONE: u16 = 1 << 3;
 }
 
 /// Structured reply chunk types and flags.
@@ -128,6 +138,8 @@ pub mod chunk {
     pub const NONE: u16 = 0;
     /// Data at an offset.
     pub const OFFSET_DATA: u16 = 1;
+    /// Extents of a `BLOCK_STATUS` reply.
+    pub const BLOCK_STATUS: u16 = 5;
     /// An error with a message.
     pub const ERROR: u16 = (1 << 15) + 1;
 }
@@ -269,6 +281,87 @@ impl InfoRequest {
         }
         v
     }
+}
+
+/// The one metadata context this server offers: which extents are allocated.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Its context id in transmission (`LIST_META_CONTEXT` replies carry 0, as the spec asks).
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// `base:allocation` flags of an extent: not allocated, and reads as zeros.
+pub mod state {
+    /// Not allocated.
+    pub const HOLE: u32 = 1 << 0;
+    /// Reads as zeros.
+    pub const ZERO: u32 = 1 << 1;
+}
+
+/// The data of a `LIST_META_CONTEXT` or `SET_META_CONTEXT` option: an export name and
+/// queries (strings naming contexts, or namespaces to list).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaRequest {
+    /// Export name as sent (not necessarily UTF-8).
+    pub name: Vec<u8>,
+    /// The queries as sent.
+    pub queries: Vec<Vec<u8>>,
+}
+
+impl MetaRequest {
+    /// Decodes `u32 name length, name, u32 count, count × (u32 length, query)`; `None` if
+    /// the lengths do not add up to exactly `data.len()` or a string exceeds `MAX_STRING`.
+    pub fn decode(data: &[u8]) -> Option<MetaRequest> {
+        let name_len = usize::try_from(u32_at(data, 0)?).ok()?;
+        if name_len > MAX_STRING {
+            return None;
+        }
+        let mut at = 4 + name_len;
+        let name = data.get(4..at)?.to_vec();
+        let count = u32_at(data, at)?;
+        at += 4;
+        let mut queries = Vec::new();
+        for _ in 0..count {
+            let len = usize::try_from(u32_at(data, at)?).ok()?;
+            if len > MAX_STRING {
+                return None;
+            }
+            let q = data.get(at + 4..at + 4 + len)?;
+            queries.push(q.to_vec());
+            at += 4 + len;
+        }
+        (at == data.len()).then_some(MetaRequest { name, queries })
+    }
+
+    /// Encodes the option data (clients and tests).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&(self.name.len() as u32).to_be_bytes());
+        v.extend_from_slice(&self.name);
+        v.extend_from_slice(&(self.queries.len() as u32).to_be_bytes());
+        for q in &self.queries {
+            v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            v.extend_from_slice(q);
+        }
+        v
+    }
+}
+
+/// The data of an `NBD_REP_META_CONTEXT`: context id and name.
+pub fn meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + name.len());
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+/// The payload of a `BLOCK_STATUS` chunk: context id, then (length, flags) per extent.
+pub fn block_status_payload(id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + 8 * extents.len());
+    v.extend_from_slice(&id.to_be_bytes());
+    for (len, flags) in extents {
+        v.extend_from_slice(&len.to_be_bytes());
+        v.extend_from_slice(&flags.to_be_bytes());
+    }
+    v
 }
 
 /// The server's greeting: `NBDMAGIC`, `IHAVEOPT`, handshake flags.

@@ -151,3 +151,54 @@ proptest! {
         prop_assert_eq!(InfoRequest::decode(&r.encode()), Some(r));
     }
 }
+
+proptest! {
+    #[test]
+    fn meta_requests_round_trip(
+        name in proptest::collection::vec(any::<u8>(), 0..300),
+        queries in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..8),
+    ) {
+        let r = MetaRequest { name, queries };
+        prop_assert_eq!(MetaRequest::decode(&r.encode()), Some(r));
+    }
+
+    /// Arbitrary bytes never panic the decoder, and whatever decodes re-encodes to them.
+    #[test]
+    fn meta_request_decoding_is_total(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+        if let Some(r) = MetaRequest::decode(&data) {
+            prop_assert_eq!(r.encode(), data);
+        }
+    }
+}
+
+#[test]
+fn meta_requests_with_bad_lengths_are_refused() {
+    let good = MetaRequest {
+        name: b"disk".to_vec(),
+        queries: vec![BASE_ALLOCATION.as_bytes().to_vec()],
+    }
+    .encode();
+    assert!(MetaRequest::decode(&good).is_some());
+    assert!(
+        MetaRequest::decode(&good[..good.len() - 1]).is_none(),
+        "short"
+    );
+    let mut long = good.clone();
+    long.push(0);
+    assert!(MetaRequest::decode(&long).is_none(), "trailing byte");
+    let mut many = good.clone();
+    many[8..12].copy_from_slice(&u32::MAX.to_be_bytes()); // query count
+    assert!(
+        MetaRequest::decode(&many).is_none(),
+        "count beyond the data"
+    );
+    let huge = MetaRequest {
+        name: vec![b'x'; MAX_STRING + 1],
+        queries: vec![],
+    }
+    .encode();
+    assert!(
+        MetaRequest::decode(&huge).is_none(),
+        "name above MAX_STRING"
+    );
+}

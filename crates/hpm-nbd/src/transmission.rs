@@ -41,8 +41,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 struct Done {
     handle: u64,
     offset: u64,
-    is_read: bool,
-    /// The data of a successful READ (empty otherwise), or why the request failed.
+    kind: u16,
+    /// The data of a successful READ or BLOCK_STATUS (empty otherwise), or why the request
+    /// failed.
     result: Result<Vec<u8>, (u32, String)>,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
@@ -69,6 +70,7 @@ where
     };
     let session = Session {
         device: Arc::new(export.device),
+        base_allocation: export.base_allocation,
         counters: counters.clone(),
         count: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         bytes: Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize)),
@@ -92,6 +94,8 @@ where
 
 struct Session {
     device: Arc<Device>,
+    /// The context id of `base:allocation` if the client selected it.
+    base_allocation: Option<u32>,
     counters: Arc<Counters>,
     count: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
@@ -180,11 +184,10 @@ impl Session {
             // thread, which then sends the reply; on an idle vCPU that wake-up costs as much
             // as the read itself.
             if alone && self.in_place != InPlace::Never {
+                let (dev, meta) = (&self.device, self.base_allocation);
                 let result = match self.in_place {
-                    InPlace::Direct => run(&self.device, &req, read_only, payload),
-                    _ => {
-                        tokio::task::block_in_place(|| run(&self.device, &req, read_only, payload))
-                    }
+                    InPlace::Direct => run(dev, &req, read_only, payload, meta),
+                    _ => tokio::task::block_in_place(|| run(dev, &req, read_only, payload, meta)),
                 };
                 let done = finish(&self.counters, &req, result, permits);
                 let sent = tokio::select! {
@@ -195,8 +198,9 @@ impl Session {
                 continue;
             }
             let (dev, counters, tx) = (self.device.clone(), self.counters.clone(), tx.clone());
+            let meta = self.base_allocation;
             tokio::task::spawn_blocking(move || {
-                let result = run(&dev, &req, read_only, payload);
+                let result = run(&dev, &req, read_only, payload, meta);
                 // Released before the reply is queued: once the writer has seen the last
                 // reply, no request holds the device, so `serve` ends with it closed.
                 drop(dev);
@@ -230,8 +234,15 @@ impl Session {
 }
 
 /// Validates and executes one request on the device (blocking).
-fn run(dev: &Device, req: &Request, read_only: bool, payload: Vec<u8>) -> Result<Vec<u8>, Failure> {
-    prepare(req, dev.size(), read_only, payload).and_then(|work| execute(dev, work))
+fn run(
+    dev: &Device,
+    req: &Request,
+    read_only: bool,
+    payload: Vec<u8>,
+    base_allocation: Option<u32>,
+) -> Result<Vec<u8>, Failure> {
+    prepare(req, dev.size(), read_only, payload, base_allocation)
+        .and_then(|work| execute(dev, work))
 }
 
 /// How a request alone in its connection runs.
@@ -291,7 +302,7 @@ fn finish(
     Done {
         handle: req.handle,
         offset: req.offset,
-        is_read: req.kind == cmd::READ,
+        kind: req.kind,
         result,
         _permits: permits,
     }
@@ -382,11 +393,17 @@ where
             w.write_all(data).await
         }
         (Err((errno, _)), false) => w.write_all(&proto::simple_reply(*errno, done.handle)).await,
-        (Ok(data), true) if done.is_read && data.is_empty() => {
+        (Ok(data), true) if done.kind == cmd::READ && data.is_empty() => {
             let h = proto::chunk_header(chunk::FLAG_DONE, chunk::NONE, done.handle, 0);
             w.write_all(&h).await
         }
-        (Ok(data), true) if done.is_read => {
+        (Ok(payload), true) if done.kind == cmd::BLOCK_STATUS => {
+            let len = payload.len() as u32;
+            let h = proto::chunk_header(chunk::FLAG_DONE, chunk::BLOCK_STATUS, done.handle, len);
+            w.write_all(&h).await?;
+            w.write_all(payload).await
+        }
+        (Ok(data), true) if done.kind == cmd::READ => {
             let len = 8 + data.len() as u32;
             let h = proto::chunk_header(chunk::FLAG_DONE, chunk::OFFSET_DATA, done.handle, len);
             w.write_all(&h).await?;

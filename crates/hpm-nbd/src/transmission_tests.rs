@@ -12,7 +12,7 @@ async fn encode(
     let done = Done {
         handle: 0x55,
         offset: 4096,
-        is_read,
+        kind: if is_read { cmd::READ } else { cmd::WRITE },
         result,
         _permits: (sem.acquire_owned().await.unwrap(), None),
     };
@@ -48,4 +48,25 @@ async fn structured_reads_use_offset_data_and_error_chunks() {
     assert_eq!(err, proto::error_chunk(0x55, EPERM, "read-only"));
     let flushed = encode(Ok(vec![]), false, true).await;
     assert_eq!(flushed, proto::simple_reply(0, 0x55));
+}
+
+#[tokio::test]
+async fn block_status_replies_are_one_final_block_status_chunk() {
+    let sem = Arc::new(Semaphore::new(1));
+    let payload = proto::block_status_payload(1, &[(8192, 0), (4096, 3)]);
+    let done = Done {
+        handle: 0x77,
+        offset: 0,
+        kind: cmd::BLOCK_STATUS,
+        result: Ok(payload.clone()),
+        _permits: (sem.acquire_owned().await.unwrap(), None),
+    };
+    let mut out = Vec::new();
+    write_reply(&mut out, &done, true).await.unwrap();
+    let h = proto::chunk_header(chunk::FLAG_DONE, chunk::BLOCK_STATUS, 0x77, 20);
+    assert_eq!(&out[..20], &h);
+    assert_eq!(&out[20..], &payload[..]);
+    assert_eq!(&payload[..4], &1u32.to_be_bytes());
+    assert_eq!(&payload[4..12], &[0, 0, 0x20, 0, 0, 0, 0, 0]);
+    assert_eq!(&payload[12..20], &[0, 0, 0x10, 0, 0, 0, 0, 3]);
 }

@@ -266,3 +266,95 @@ fn tcp_listener_serves_qemu_io() {
     shutdown.trigger();
     rt.block_on(served).unwrap();
 }
+
+/// `base:allocation`: nbdinfo lists the context and maps the export (written extents as
+/// data, the rest, discarded and zeroed ranges included, as holes that read as zeros);
+/// qemu-img maps it the same way and converts it to a sparse file that holds only the
+/// data.
+#[test]
+fn block_status_maps_the_allocated_extents() {
+    if !have("nbdinfo") || !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let s = Served::start(&[("disk", 32 * MIB)]);
+    let uri = s.uri("disk");
+    {
+        let d = s.pool.open_device("disk").unwrap();
+        d.write_at(&vec![1u8; MIB as usize], 0).unwrap();
+        d.write_at(&[2u8; 4096], 8 * MIB + 4096).unwrap();
+        d.write_at(&vec![3u8; 2 * MIB as usize], 20 * MIB).unwrap();
+        d.discard(21 * MIB, MIB).unwrap();
+        d.write_at(&vec![4u8; MIB as usize], 30 * MIB).unwrap();
+        d.write_zeroes(30 * MIB, MIB).unwrap();
+        d.flush().unwrap();
+    }
+    let want = [
+        (0, MIB, true),
+        (MIB, 7 * MIB + 4096, false),
+        (8 * MIB + 4096, 4096, true),
+        (8 * MIB + 8192, 12 * MIB - 8192, false),
+        (20 * MIB, MIB, true),
+        (21 * MIB, 11 * MIB, false),
+    ];
+    let info = run_ok("nbdinfo", &[&uri]);
+    assert!(info.contains("base:allocation"), "{info}");
+    // nbdinfo --map: "offset length type description" per extent; type 0 is data,
+    // 3 hole+zero. Adjacent extents of one type are merged before comparing.
+    let map = run_ok("nbdinfo", &["--map", &uri]);
+    let mut got: Vec<(u64, u64, bool)> = Vec::new();
+    for line in map.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (off, len, kind): (u64, u64, u32) = (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        );
+        assert!(kind == 0 || kind == 3, "type {kind} in {line:?}");
+        match got.last_mut() {
+            Some(last) if last.2 == (kind == 0) => last.1 += len,
+            _ => got.push((off, len, kind == 0)),
+        }
+    }
+    assert_eq!(got, want, "nbdinfo --map:\n{map}");
+    // qemu-img map speaks the same context.
+    let json = run_ok("qemu-img", &["map", "-f", "raw", "--output=json", &uri]);
+    let data: Vec<(u64, u64)> = json
+        .lines()
+        .filter(|l| l.contains("\"data\": true"))
+        .map(|l| {
+            let num = |key: &str| -> u64 {
+                let at = l.find(key).unwrap() + key.len();
+                l[at..]
+                    .trim_start_matches([':', ' '])
+                    .split([',', ' ', '}'])
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            (num("\"start\""), num("\"length\""))
+        })
+        .collect();
+    let want_data: Vec<(u64, u64)> = want.iter().filter(|w| w.2).map(|w| (w.0, w.1)).collect();
+    assert_eq!(data, want_data, "qemu-img map:\n{json}");
+    // A sparse copy: only the data extents are allocated in the file.
+    let out = s.path("copy.raw");
+    let out = out.to_str().unwrap();
+    run_ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, out],
+    );
+    let blocks = std::fs::metadata(out)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
+        .unwrap();
+    assert!(
+        blocks * 512 <= 3 * MIB,
+        "the copy allocates {} bytes",
+        blocks * 512
+    );
+    let cmp = run_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", out, &uri],
+    );
+    assert!(cmp.contains("identical"), "{cmp}");
+}

@@ -191,6 +191,100 @@ fn structured_replies(s: &Served) {
     assert!(c.closed());
 }
 
+/// Metadata contexts: refused before structured replies, for unknown exports and with
+/// malformed data; listed and selected as `base:allocation`; BLOCK_STATUS answered with one
+/// final BLOCK_STATUS chunk on the export it was selected for, and refused (EINVAL) on
+/// another, or for nothing.
+fn meta_contexts(s: &Served) {
+    let meta = |c: &mut Raw, opt: u32, name: &str, q: &[&str]| -> Vec<(u32, Vec<u8>)> {
+        c.option(opt, &Raw::meta_data(name, q));
+        let mut replies = Vec::new();
+        loop {
+            let (o, kind, data) = c.option_reply();
+            assert_eq!(o, opt);
+            let last = kind != REP_META_CONTEXT;
+            replies.push((kind, data));
+            if last {
+                return replies;
+            }
+        }
+    };
+    let ctx = |id: u32| {
+        let mut v = id.to_be_bytes().to_vec();
+        v.extend_from_slice(b"base:allocation");
+        (REP_META_CONTEXT, v)
+    };
+    let ack = (REP_ACK, Vec::new());
+    let mut c = Raw::start(&s.socket, true);
+    let r = meta(&mut c, OPT_SET_META_CONTEXT, "disk", &["base:allocation"]);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].0, REP_ERR_INVALID, "before STRUCTURED_REPLY");
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, REP_ACK);
+    assert_eq!(
+        meta(&mut c, OPT_LIST_META_CONTEXT, "disk", &[]),
+        vec![ctx(0), ack.clone()]
+    );
+    assert_eq!(
+        meta(&mut c, OPT_LIST_META_CONTEXT, "disk", &["base:"]),
+        vec![ctx(0), ack.clone()]
+    );
+    assert_eq!(
+        meta(&mut c, OPT_LIST_META_CONTEXT, "disk", &["x-other:thing"]),
+        vec![ack.clone()]
+    );
+    assert_eq!(
+        meta(&mut c, OPT_SET_META_CONTEXT, "nope", &["base:allocation"])[0].0,
+        REP_ERR_UNKNOWN
+    );
+    let mut bad = Raw::meta_data("disk", &["base:allocation"]);
+    bad.pop();
+    c.option(OPT_SET_META_CONTEXT, &bad);
+    assert_eq!(c.option_reply().1, REP_ERR_INVALID, "truncated data");
+    assert_eq!(
+        meta(&mut c, OPT_SET_META_CONTEXT, "disk", &["base:allocation"]),
+        vec![ctx(1), ack.clone()]
+    );
+    c.go("disk");
+    c.request(FLAG_REQ_ONE, CMD_BLOCK_STATUS, 7, 0, SIZE as u32);
+    let (flags, kind, handle, data) = c.chunk();
+    assert_eq!(
+        (flags, kind, handle, data.len()),
+        (1, 5, 7, 12),
+        "one descriptor, DONE"
+    );
+    assert_eq!(&data[..4], &1u32.to_be_bytes());
+    c.request(0, CMD_BLOCK_STATUS, 8, 4096, (SIZE - 4096) as u32);
+    let (_, kind, _, data) = c.chunk();
+    assert_eq!(kind, 5);
+    let total: u64 = data[4..]
+        .chunks(8)
+        .map(|d| u64::from(u32::from_be_bytes(d[..4].try_into().unwrap())))
+        .sum();
+    assert_eq!(total, SIZE - 4096, "descriptors cover the request");
+    for (len, handle) in [(0u32, 9u64), (2, 10)] {
+        let off = if len == 0 { 0 } else { SIZE - 1 };
+        c.request(0, CMD_BLOCK_STATUS, handle, off, len);
+        let (_, kind, h, data) = c.chunk();
+        assert_eq!((kind, h), (0x8001, handle), "empty or past the end: ERROR");
+        assert_eq!(&data[..4], &EINVAL.to_be_bytes());
+    }
+    c.request(0, CMD_DISC, 11, 0, 0);
+    assert!(c.closed());
+    // Selected for one export, used on another: not negotiated there.
+    let mut c = Raw::start(&s.socket, true);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, REP_ACK);
+    meta(&mut c, OPT_SET_META_CONTEXT, "disk", &["base:allocation"]);
+    c.go("busy");
+    c.request(0, CMD_BLOCK_STATUS, 1, 0, 4096);
+    let (_, kind, _, data) = c.chunk();
+    assert_eq!(kind, 0x8001);
+    assert_eq!(&data[..4], &EINVAL.to_be_bytes());
+    c.request(0, CMD_DISC, 2, 0, 0);
+    assert!(c.closed());
+}
+
 fn hang_ups(s: &Served) {
     // Mid-payload.
     let mut c = Raw::start(&s.socket, true);
@@ -233,6 +327,7 @@ fn malformed_input_gets_errors_or_a_close_while_others_carry_on() {
     handshake_abuse(&s);
     transmission_abuse(&s);
     structured_replies(&s);
+    meta_contexts(&s);
     hang_ups(&s);
     stop.store(true, Ordering::Relaxed);
     let sessions = bg

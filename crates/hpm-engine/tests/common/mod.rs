@@ -100,6 +100,78 @@ pub fn assert_same_device(pool: &Pool, model: &Model, name: &str, step: &str) {
             i as u64 / B
         );
     }
+    assert_allocation(pool, name, &want, step);
+}
+
+/// `Device::allocation` against the contents: its extents cover the device exactly, and
+/// every unmapped one reads as zeros; asked for one extent, or for a range that starts and
+/// ends inside blocks, it answers the same states.
+pub fn assert_allocation(pool: &Pool, name: &str, contents: &[u8], step: &str) {
+    let d = pool.open_device(name).unwrap();
+    let size = d.size();
+    let all = d.allocation(0, size, usize::MAX).unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.0).sum::<u64>(),
+        size,
+        "allocation of {name:?} covers the device after {step}"
+    );
+    let mut at = 0usize;
+    for (i, &(len, mapped)) in all.iter().enumerate() {
+        assert!(
+            len > 0 && len % B == 0,
+            "extent {i} of {name:?}: {len} bytes after {step}"
+        );
+        if i > 0 {
+            assert_ne!(
+                all[i - 1].1,
+                mapped,
+                "extents {i} of {name:?} not merged after {step}"
+            );
+        }
+        if !mapped {
+            assert!(
+                contents[at..at + len as usize].iter().all(|&b| b == 0),
+                "{name:?} reports bytes {at}+{len} unmapped but they are not zeros after {step}"
+            );
+        }
+        at += len as usize;
+    }
+    let one = d.allocation(0, size, 1).unwrap();
+    assert_eq!(
+        one,
+        all[..1].to_vec(),
+        "one extent of {name:?} after {step}"
+    );
+    if size > 2 * B {
+        // From the middle of the first block to the middle of the last one.
+        let (off, len) = (B / 2, size - B);
+        let part = d.allocation(off, len, usize::MAX).unwrap();
+        assert_eq!(part.iter().map(|e| e.0).sum::<u64>(), len);
+        let mut at = off;
+        for &(n, mapped) in &part {
+            let state = |b: u64| {
+                let mut x = 0;
+                all.iter()
+                    .find(|e| {
+                        x += e.0;
+                        x > b * B
+                    })
+                    .unwrap()
+                    .1
+            };
+            assert_eq!(
+                state(at / B),
+                mapped,
+                "part of {name:?} at {at} after {step}"
+            );
+            assert_eq!(
+                state((at + n - 1) / B),
+                mapped,
+                "part of {name:?} at {at}+{n} after {step}"
+            );
+            at += n;
+        }
+    }
 }
 
 /// Checks the engine against the model's crash rules and adopts what the engine has.
