@@ -131,6 +131,10 @@ struct Op {
     kind: Kind,
 }
 
+/// Chunks and blocks one `Device::allocation` call looks at before it answers for a prefix
+/// (about a millisecond of work under the state's read lock).
+const ALLOCATION_WORK: usize = 1 << 16;
+
 /// A write plan; on the stack for writes of up to 16 blocks.
 type Ops = SmallVec<[Op; 16]>;
 
@@ -230,7 +234,9 @@ impl Device {
     /// in order, at most `max` of them (at least one), together covering the range or a
     /// prefix of it. An unmapped extent reads as zeros; a mapped one holds whatever was
     /// written (zeros included). A block counts whole: a range that starts or ends inside
-    /// one takes that block's state for the part it covers.
+    /// one takes that block's state for the part it covers. The walk stops after some
+    /// `ALLOCATION_WORK` chunks and blocks looked at (a prefix then), so one call holds the
+    /// state's read lock briefly whatever the range.
     pub fn allocation(&self, off: u64, len: u64, max: usize) -> Result<Vec<(u64, bool)>> {
         let inner = &*self.inner;
         inner.check_intact()?;
@@ -247,7 +253,8 @@ impl Device {
         let live = inner.live.read();
         let d = self.in_range(&live.st, off, len)?;
         let mut at = off;
-        while at < end {
+        let mut work = 0usize;
+        while at < end && work < ALLOCATION_WORK {
             // The next run of one state, found a chunk at a time where the chunk is
             // unmapped or wholly mapped, block by block elsewhere.
             let b = at / B;
@@ -261,9 +268,11 @@ impl Device {
                     while j < cb && e.block(j, cb).is_some() == mapped {
                         j += 1;
                     }
+                    work += (j - i) as usize;
                     (mapped, (v * c + u64::from(j)) * B)
                 }
             };
+            work += 1;
             let next = run_end.min(end);
             let full = out.len() == max;
             match out.last_mut() {

@@ -398,4 +398,19 @@ fn allocation_reports_exactly_the_mapped_blocks() {
         got[got.len() - 3..],
         [(mb(99), false), (mb(1), true), (mb(311), false)]
     );
+    // A copy-on-write into the shared, wholly mapped chunk 2 splits its entry, and a
+    // discard there leaves a hole in it.
+    s.write_at(&[6u8; 4096], 40 * B).unwrap();
+    s.discard(33 * B, B).unwrap();
+    assert_eq!(
+        s.allocation(32 * B, 16 * B, usize::MAX).unwrap(),
+        vec![(mb(1), true), (mb(1), false), (mb(14), true)]
+    );
+    // A huge range is answered for a prefix: the walk is bounded.
+    pool.create_device("huge", 16 << 30).unwrap();
+    let h = pool.open_device("huge").unwrap();
+    let got = h.allocation(0, 16 << 30, usize::MAX).unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(!got[0].1);
+    assert!(got[0].0 > 0 && got[0].0 < 16 << 30, "a prefix: {got:?}");
 }

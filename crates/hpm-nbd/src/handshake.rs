@@ -205,8 +205,12 @@ where
 
     /// `LIST_META_CONTEXT` and `SET_META_CONTEXT`. The one context is `base:allocation`;
     /// a list with no query, or the query `base:`, lists it; a set selects it only by its
-    /// full name, and replaces any earlier selection.
+    /// full name, and replaces any earlier selection, even when it fails.
     async fn meta_context(&mut self, option: u32, data: &[u8]) -> Result<(), End> {
+        if option == opt::SET_META_CONTEXT {
+            // A set replaces the selection even when it fails (the spec).
+            self.meta_for = None;
+        }
         if !self.structured {
             let msg = "metadata contexts need structured replies: send STRUCTURED_REPLY first";
             self.error(option, rep::ERR_INVALID, msg).await?;

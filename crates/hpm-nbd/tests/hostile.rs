@@ -246,22 +246,27 @@ fn meta_contexts(s: &Served) {
         vec![ctx(1), ack.clone()]
     );
     c.go("disk");
-    c.request(FLAG_REQ_ONE, CMD_BLOCK_STATUS, 7, 0, SIZE as u32);
-    let (flags, kind, handle, data) = c.chunk();
+    c.request(0, CMD_BLOCK_STATUS, 8, 0, SIZE as u32);
+    let (flags, kind, handle, full) = c.chunk();
+    assert_eq!((flags, kind, handle), (1, 5, 8), "BLOCK_STATUS, DONE");
     assert_eq!(
-        (flags, kind, handle, data.len()),
-        (1, 5, 7, 12),
-        "one descriptor, DONE"
+        &full[..4],
+        &1u32.to_be_bytes(),
+        "the id SET_META_CONTEXT gave"
     );
-    assert_eq!(&data[..4], &1u32.to_be_bytes());
-    c.request(0, CMD_BLOCK_STATUS, 8, 4096, (SIZE - 4096) as u32);
-    let (_, kind, _, data) = c.chunk();
-    assert_eq!(kind, 5);
-    let total: u64 = data[4..]
+    let total: u64 = full[4..]
         .chunks(8)
         .map(|d| u64::from(u32::from_be_bytes(d[..4].try_into().unwrap())))
         .sum();
-    assert_eq!(total, SIZE - 4096, "descriptors cover the request");
+    assert_eq!(total, SIZE, "descriptors cover the request");
+    c.request(FLAG_REQ_ONE, CMD_BLOCK_STATUS, 7, 0, SIZE as u32);
+    let (flags, kind, handle, one) = c.chunk();
+    assert_eq!((flags, kind, handle), (1, 5, 7));
+    assert_eq!(
+        one,
+        full[..12].to_vec(),
+        "REQ_ONE: the first descriptor alone"
+    );
     for (len, handle) in [(0u32, 9u64), (2, 10)] {
         let off = if len == 0 { 0 } else { SIZE - 1 };
         c.request(0, CMD_BLOCK_STATUS, handle, off, len);
@@ -277,6 +282,22 @@ fn meta_contexts(s: &Served) {
     assert_eq!(c.option_reply().1, REP_ACK);
     meta(&mut c, OPT_SET_META_CONTEXT, "disk", &["base:allocation"]);
     c.go("busy");
+    c.request(0, CMD_BLOCK_STATUS, 1, 0, 4096);
+    let (_, kind, _, data) = c.chunk();
+    assert_eq!(kind, 0x8001);
+    assert_eq!(&data[..4], &EINVAL.to_be_bytes());
+    c.request(0, CMD_DISC, 2, 0, 0);
+    assert!(c.closed());
+    // A failed SET_META_CONTEXT still replaces the selection: nothing is selected.
+    let mut c = Raw::start(&s.socket, true);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.option_reply().1, REP_ACK);
+    meta(&mut c, OPT_SET_META_CONTEXT, "disk", &["base:allocation"]);
+    let mut bad = Raw::meta_data("disk", &["base:allocation"]);
+    bad.push(0);
+    c.option(OPT_SET_META_CONTEXT, &bad);
+    assert_eq!(c.option_reply().1, REP_ERR_INVALID, "a trailing byte");
+    c.go("disk");
     c.request(0, CMD_BLOCK_STATUS, 1, 0, 4096);
     let (_, kind, _, data) = c.chunk();
     assert_eq!(kind, 0x8001);
