@@ -276,34 +276,34 @@ fn meta_contexts(s: &Served) {
     }
     c.request(0, CMD_DISC, 11, 0, 0);
     assert!(c.closed());
+    // Selected for `disk`, then `between` runs, then GO to `export`: BLOCK_STATUS must be
+    // refused there (nothing selected for it).
+    let refused = |between: &dyn Fn(&mut Raw), export: &str| {
+        let mut c = Raw::start(&s.socket, true);
+        c.option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(c.option_reply().1, REP_ACK);
+        meta(&mut c, OPT_SET_META_CONTEXT, "disk", &["base:allocation"]);
+        between(&mut c);
+        c.go(export);
+        c.request(0, CMD_BLOCK_STATUS, 1, 0, 4096);
+        let (_, kind, _, data) = c.chunk();
+        assert_eq!(kind, 0x8001, "BLOCK_STATUS on {export:?} refused");
+        assert_eq!(&data[..4], &EINVAL.to_be_bytes());
+        c.request(0, CMD_DISC, 2, 0, 0);
+        assert!(c.closed());
+    };
     // Selected for one export, used on another: not negotiated there.
-    let mut c = Raw::start(&s.socket, true);
-    c.option(OPT_STRUCTURED_REPLY, &[]);
-    assert_eq!(c.option_reply().1, REP_ACK);
-    meta(&mut c, OPT_SET_META_CONTEXT, "disk", &["base:allocation"]);
-    c.go("busy");
-    c.request(0, CMD_BLOCK_STATUS, 1, 0, 4096);
-    let (_, kind, _, data) = c.chunk();
-    assert_eq!(kind, 0x8001);
-    assert_eq!(&data[..4], &EINVAL.to_be_bytes());
-    c.request(0, CMD_DISC, 2, 0, 0);
-    assert!(c.closed());
+    refused(&|_| {}, "busy");
     // A failed SET_META_CONTEXT still replaces the selection: nothing is selected.
-    let mut c = Raw::start(&s.socket, true);
-    c.option(OPT_STRUCTURED_REPLY, &[]);
-    assert_eq!(c.option_reply().1, REP_ACK);
-    meta(&mut c, OPT_SET_META_CONTEXT, "disk", &["base:allocation"]);
-    let mut bad = Raw::meta_data("disk", &["base:allocation"]);
-    bad.push(0);
-    c.option(OPT_SET_META_CONTEXT, &bad);
-    assert_eq!(c.option_reply().1, REP_ERR_INVALID, "a trailing byte");
-    c.go("disk");
-    c.request(0, CMD_BLOCK_STATUS, 1, 0, 4096);
-    let (_, kind, _, data) = c.chunk();
-    assert_eq!(kind, 0x8001);
-    assert_eq!(&data[..4], &EINVAL.to_be_bytes());
-    c.request(0, CMD_DISC, 2, 0, 0);
-    assert!(c.closed());
+    refused(
+        &|c| {
+            let mut bad = Raw::meta_data("disk", &["base:allocation"]);
+            bad.push(0);
+            c.option(OPT_SET_META_CONTEXT, &bad);
+            assert_eq!(c.option_reply().1, REP_ERR_INVALID, "a trailing byte");
+        },
+        "disk",
+    );
 }
 
 fn hang_ups(s: &Served) {
