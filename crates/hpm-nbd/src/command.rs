@@ -1,8 +1,8 @@
 //! What each command does to the device: validation against the export (range, flags,
 //! read-only) and the blocking device call.
 //!
-//! This module owns the meaning of READ, WRITE, FLUSH, TRIM, WRITE_ZEROES and BLOCK_STATUS
-//! in engine terms. It is synchronous and knows nothing of sockets; `prepare` must never touch the
+//! This module owns the meaning of READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE and
+//! BLOCK_STATUS in engine terms. It is synchronous and knows nothing of sockets; `prepare` must never touch the
 //! device and `execute` must never be called on the async runtime's threads.
 
 use crate::errors::{Failure, Op};
@@ -16,6 +16,10 @@ const ZERO_PIECE: usize = 1 << 20;
 /// needs more is answered for a prefix, which the spec allows (the client asks again from
 /// where the reply ends).
 pub(crate) const MAX_EXTENTS: usize = 4096;
+
+/// Most bytes one CACHE request prefetches (the rest of a longer range is let be: CACHE is
+/// advice), read `ZERO_PIECE` at a time.
+const MAX_PREFETCH: u32 = proto::MAX_PAYLOAD;
 
 /// A validated request, ready for the device.
 #[derive(Debug)]
@@ -47,6 +51,10 @@ pub(crate) enum Work {
         one: bool,
         id: u32,
     },
+    Cache {
+        offset: u64,
+        length: u32,
+    },
 }
 
 pub(crate) fn op_of(kind: u16) -> Op {
@@ -75,6 +83,7 @@ pub(crate) fn prepare(
         cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE,
         // FUA is valid on every command (and means nothing here).
         cmd::BLOCK_STATUS => cflag::FUA | cflag::REQ_ONE,
+        cmd::CACHE => cflag::FUA,
         other => return Err(Failure::UnknownCommand(other)),
     };
     if req.flags & !allowed != 0 {
@@ -91,7 +100,7 @@ pub(crate) fn prepare(
             return Err(Failure::Empty);
         }
     }
-    if !matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS) && read_only {
+    if !matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS | cmd::CACHE) && read_only {
         return Err(Failure::ReadOnly);
     }
     if req.kind == cmd::READ && length > proto::MAX_PAYLOAD {
@@ -119,6 +128,7 @@ pub(crate) fn prepare(
             length,
             fua,
         },
+        cmd::CACHE => Work::Cache { offset, length },
         cmd::BLOCK_STATUS => Work::Status {
             offset,
             length,
@@ -147,6 +157,19 @@ pub(crate) fn execute(dev: &Device, work: Work) -> Result<Vec<u8>, Failure> {
             fua
         }
         Work::Flush => true,
+        Work::Cache { offset, length } => {
+            // Read and let go: the blocks several devices share land in the pool's cache,
+            // the others in the host page cache of the data file.
+            let mut buf = vec![0u8; ZERO_PIECE.min(length as usize)];
+            let end = offset + u64::from(length.min(MAX_PREFETCH));
+            let mut at = offset;
+            while at < end {
+                let n = (end - at).min(buf.len() as u64) as usize;
+                dev.read_at(&mut buf[..n], at).map_err(Failure::Engine)?;
+                at += n as u64;
+            }
+            return Ok(Vec::new());
+        }
         Work::Status {
             offset,
             length,

@@ -52,7 +52,10 @@ fn requests_are_checked_against_the_export() {
         (req(cmd::WRITE_ZEROES, 0, 0, u32::MAX), false, Some(ENOSPC)),
         (req(cmd::WRITE_ZEROES, 0, 0, 1), true, Some(EPERM)),
         (req(cmd::FLUSH, 0, 0, 0), true, None),
-        (req(5, 0, 0, 0), false, Some(EINVAL)), // CACHE: not offered
+        (req(cmd::CACHE, 0, 0, 4096), true, None),
+        (req(cmd::CACHE, cflag::FUA, S - 1, 1), false, None),
+        (req(cmd::CACHE, 0, S - 1, 2), false, Some(EINVAL)),
+        (req(cmd::CACHE, cflag::DF, 0, 1), false, Some(EINVAL)),
         (req(7, 0, 0, 4096), false, Some(EINVAL)), // BLOCK_STATUS: no context selected
         (req(0xffff, 0, 0, 0), false, Some(EINVAL)),
     ];

@@ -52,7 +52,7 @@ impl From<io::Error> for End {
 pub(crate) fn transmission_flags(read_only: bool) -> u16 {
     // CAN_MULTI_CONN is safe: FLUSH commits the whole pool, and all connections share
     // one engine (and its cache).
-    let common = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN;
+    let common = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN | tflag::SEND_CACHE;
     if read_only {
         common | tflag::READ_ONLY
     } else {
@@ -63,8 +63,8 @@ pub(crate) fn transmission_flags(read_only: bool) -> u16 {
 #[cfg(test)]
 #[test]
 fn flags_offer_writes_only_on_writable_exports() {
-    assert_eq!(transmission_flags(false), 0b1_0110_1101);
-    assert_eq!(transmission_flags(true), 0b1_0000_0111);
+    assert_eq!(transmission_flags(false), 0b101_0110_1101);
+    assert_eq!(transmission_flags(true), 0b101_0000_0111);
 }
 
 struct Negotiation<'a, R, W> {

@@ -3,7 +3,7 @@
 //!
 //! Fixed newstyle handshake (`LIST`, `INFO`, `GO`, `EXPORT_NAME`, `ABORT`,
 //! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` / `SET_META_CONTEXT` for `base:allocation`);
-//! READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS and DISC with many
+//! READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS and DISC with many
 //! requests in flight per connection; multi-conn (FLUSH commits the whole pool); read-only
 //! exports for read-only devices. Simple replies always work (the Linux kernel client
 //! speaks nothing else); READs use structured replies when the client negotiates them.

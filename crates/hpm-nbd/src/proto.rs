@@ -98,6 +98,8 @@ pub mod tflag {
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
     /// `FLUSH` and `FUA` on one connection cover all connections.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    /// `CACHE` (prefetch) is supported.
+    pub const SEND_CACHE: u16 = 1 << 10;
 }
 
 /// Command types.
@@ -112,6 +114,8 @@ pub mod cmd {
     pub const FLUSH: u16 = 3;
     /// Trim (discard).
     pub const TRIM: u16 = 4;
+    /// Prefetch a range (advice: no data in the reply).
+    pub const CACHE: u16 = 5;
     /// Write zeroes.
     pub const WRITE_ZEROES: u16 = 6;
     /// Which parts of a range are allocated (`base:allocation`).

@@ -124,7 +124,7 @@ fn nbdinfo_lists_and_reports_what_each_export_can_do() {
     );
     // nbdinfo --can/--is exit with 0 for true and 2 for false.
     let answer = |what: &str, q: &str, uri: &str| run("nbdinfo", &[what, q, uri]).code;
-    for q in ["flush", "fua", "trim", "zero", "multi-conn"] {
+    for q in ["flush", "fua", "trim", "zero", "multi-conn", "cache"] {
         assert_eq!(answer("--can", q, &rw), Some(0), "writable --can {q}");
     }
     assert_eq!(answer("--is", "read-only", &rw), Some(2));
@@ -132,6 +132,7 @@ fn nbdinfo_lists_and_reports_what_each_export_can_do() {
     for (q, want) in [
         ("flush", 0),
         ("multi-conn", 0),
+        ("cache", 0),
         ("trim", 2),
         ("zero", 2),
         ("fua", 2),

@@ -140,7 +140,9 @@ fn transmission_abuse(s: &Served) {
             );
         };
     expect(&mut c, 0, 42, 0, 0, 0, EINVAL); // unknown command
-    expect(&mut c, 0, 5, 0, 4096, 0, EINVAL); // CACHE: not offered
+    expect(&mut c, 0, 5, 0, 4096, 0, 0); // CACHE: advice, done
+    expect(&mut c, 0, 5, SIZE, 1, 0, EINVAL); // CACHE past the end
+    expect(&mut c, 0, 8, 0, 4096, 0, EINVAL); // RESIZE: not offered
     expect(&mut c, 0, CMD_READ, SIZE - 4096, 8192, 0, EINVAL); // read past the end
     expect(&mut c, 0, CMD_READ, u64::MAX - 10, 100, 0, EINVAL); // offset overflow
     expect(&mut c, 0, CMD_READ, 0, 64 << 20, 0, EINVAL); // above the maximum payload
@@ -187,6 +189,13 @@ fn structured_replies(s: &Served) {
     assert_eq!(c.chunk().1, 0, "empty READ: NONE chunk");
     c.request(0, CMD_FLUSH, 4, 0, 0);
     assert_eq!(c.simple_reply(), (0, 4));
+    // CACHE: advice, answered without data; past the end, EINVAL.
+    c.request(0, CMD_CACHE, 6, 0, 1 << 20);
+    assert_eq!(c.simple_reply(), (0, 6));
+    c.request(0, CMD_CACHE, 7, SIZE - 1, 2);
+    let (_, kind, handle, data) = c.chunk();
+    assert_eq!((kind, handle), (0x8001, 7));
+    assert_eq!(&data[..4], &EINVAL.to_be_bytes());
     c.request(0, CMD_DISC, 5, 0, 0);
     assert!(c.closed());
 }
