@@ -247,11 +247,10 @@ impl Device {
         let max = max.max(1);
         let cb = inner.geo.chunk_blocks;
         let c = u64::from(cb);
-        let end = off
-            .checked_add(len)
-            .ok_or_else(|| self.range_error(off, len, self.size()))?;
         let live = inner.live.read();
+        // Within the device: `off + len` cannot overflow.
         let d = self.in_range(&live.st, off, len)?;
+        let end = off + len;
         let mut at = off;
         let mut work = 0usize;
         while at < end && work < ALLOCATION_WORK {

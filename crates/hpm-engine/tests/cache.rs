@@ -11,6 +11,21 @@ use std::thread;
 
 const SIZE: u64 = 4 << 20;
 
+/// Device "image" (SIZE bytes of a pattern) and `n` writable snapshots "c0".."c{n-1}" of
+/// it; returns the image's bytes.
+fn image_and_clones(pool: &hpm_engine::Pool, n: usize) -> Vec<u8> {
+    pool.create_device("image", SIZE).unwrap();
+    let image = pattern(7, SIZE as usize);
+    pool.open_device("image")
+        .unwrap()
+        .write_at(&image, 0)
+        .unwrap();
+    for k in 0..n {
+        pool.snapshot("image", &format!("c{k}"), false).unwrap();
+    }
+    image
+}
+
 fn shared_read(mode: CacheMode, n: usize) -> (hpm_engine::CacheStats, hpm_engine::EngineStats) {
     let disks = Disks::mem();
     let cache = CacheConfig {
@@ -25,15 +40,7 @@ fn shared_read(mode: CacheMode, n: usize) -> (hpm_engine::CacheStats, hpm_engine
         },
         64 << 20,
     );
-    pool.create_device("image", SIZE).unwrap();
-    let image = pattern(7, SIZE as usize);
-    pool.open_device("image")
-        .unwrap()
-        .write_at(&image, 0)
-        .unwrap();
-    for k in 0..n {
-        pool.snapshot("image", &format!("c{k}"), false).unwrap();
-    }
+    let image = image_and_clones(&pool, n);
     let before = (pool.cache_stats(), pool.stats());
     let hs: Vec<_> = (0..n)
         .map(|k| {
@@ -243,16 +250,8 @@ fn a_held_cached_block_keeps_its_bytes_through_a_later_write() {
 fn clones_reading_one_image_at_once_through_pieces_read_the_disk_once() {
     let disks = Disks::mem();
     let pool = disks.create(&small_opts(), 64 << 20);
-    pool.create_device("image", SIZE).unwrap();
-    let image = pattern(7, SIZE as usize);
-    pool.open_device("image")
-        .unwrap()
-        .write_at(&image, 0)
-        .unwrap();
     let n = 8;
-    for k in 0..n {
-        pool.snapshot("image", &format!("c{k}"), false).unwrap();
-    }
+    let image = image_and_clones(&pool, n);
     let before = pool.cache_stats().backend_read_bytes;
     let hs: Vec<_> = (0..n)
         .map(|k| {

@@ -94,12 +94,17 @@ pub(crate) fn prepare(
     if req.kind == cmd::FLUSH {
         return Ok(Work::Flush);
     }
-    if req.kind == cmd::BLOCK_STATUS {
-        base_allocation.ok_or(Failure::NoMetaContext)?;
-        if length == 0 {
-            return Err(Failure::Empty);
+    // Refused for want of a context before any range check, as for an unknown command.
+    let status_id = match req.kind {
+        cmd::BLOCK_STATUS => {
+            let id = base_allocation.ok_or(Failure::NoMetaContext)?;
+            if length == 0 {
+                return Err(Failure::Empty);
+            }
+            id
         }
-    }
+        _ => 0,
+    };
     if !matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS | cmd::CACHE) && read_only {
         return Err(Failure::ReadOnly);
     }
@@ -133,7 +138,7 @@ pub(crate) fn prepare(
             offset,
             length,
             one: req.flags & cflag::REQ_ONE != 0,
-            id: base_allocation.ok_or(Failure::NoMetaContext)?,
+            id: status_id,
         },
         _ => Work::Zeroes {
             offset,
