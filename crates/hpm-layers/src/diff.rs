@@ -7,9 +7,8 @@
 //! - A path only in the layer is `Add`, and so is everything under it; a path only in the
 //!   parent is `Delete` (only the top: the children of a deleted directory are not listed).
 //! - A path in both is `Modify` when the type, permission bits, owner or device number
-//!   differ, or, for non-directories, the size or the modification time (equal when the
-//!   seconds match and the nanoseconds match or either is 0, because tar keeps whole
-//!   seconds), or the symlink target, the hard link count, or the carried extended
+//!   differ, or, for non-directories, the size or the modification time (seconds and
+//!   nanoseconds), or the symlink target, the hard link count, or the carried extended
 //!   attributes (`user.`, `trusted.`, `security.` but `security.selinux`; see
 //!   `xattr.rs`).
 //! - A directory's size and times are not compared: they change whenever an entry is
@@ -22,7 +21,12 @@
 //!
 //! Deviations from moby, all stricter: moby compares only `security.capability`, not the
 //! symlink target (a same-length retarget within the same second is missed), and not the
-//! link count. Comparing the link count makes hard link groups survive a round trip: adding
+//! link count. Moby also takes two modification times as equal when their seconds match
+//! and either has no nanoseconds, because a tree copied through a tar keeps whole seconds;
+//! but a layer here is always a block-level snapshot of its parent, in which an untouched
+//! inode keeps its exact times, and every file of a layer applied from a tar has whole
+//! seconds: a write that keeps the size, in the same second as the file's time in the
+//! image, would be missed by that rule and lost from a commit. Comparing the link count makes hard link groups survive a round trip: adding
 //! or removing a link to an unchanged file re-exports every path of that inode, and
 //! [`export_changes`] writes them as one file plus hard links.
 
@@ -217,8 +221,7 @@ fn differs(old: &Node, new: &Node) -> Result<bool> {
         return Ok(true);
     }
     if !n.is_dir() {
-        let same_time = o.mtime() == n.mtime()
-            && (o.mtime_nsec() == n.mtime_nsec() || o.mtime_nsec() == 0 || n.mtime_nsec() == 0);
+        let same_time = o.mtime() == n.mtime() && o.mtime_nsec() == n.mtime_nsec();
         if o.size() != n.size() || !same_time || o.nlink() != n.nlink() {
             return Ok(true);
         }

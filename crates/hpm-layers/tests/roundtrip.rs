@@ -260,3 +260,48 @@ fn a_tree_tarred_by_gnu_tar_applies_identically() {
     common::assert_same_tree(&snapshot(&rebuilt), &snapshot(&orig));
     assert_eq!(changes(&rebuilt, Some(&orig)).unwrap(), vec![]);
 }
+
+/// A write that keeps a file's size, made in the same second as the file's whole-second time
+/// from the image, is a change (moby's rule takes those times as equal and would lose it).
+#[test]
+fn a_same_size_write_in_the_second_of_the_image_time_is_a_change() {
+    if !common::have_root("a_same_size_write_in_the_second_of_the_image_time_is_a_change") {
+        return;
+    }
+    let tmp = common::tempdir();
+    let orig = tmp.path().join("orig");
+    let copy = tmp.path().join("copy");
+    fs::create_dir(&orig).unwrap();
+    let image = Layer::new()
+        .file("f", b"old", &Meta::mode(0o644).mtime(1_700_000_000))
+        .file("g", b"same", &Meta::mode(0o644).mtime(1_700_000_000))
+        .finish()
+        .0;
+    apply_layer(&orig, &image[..]).unwrap();
+    common::cp_a(&orig, &copy);
+    assert_eq!(common::mtime(&copy.join("f")), (1_700_000_000, 0));
+
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(copy.join("f"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"new", 0).unwrap();
+    let written = std::time::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 500_000_000);
+    f.set_times(fs::FileTimes::new().set_modified(written))
+        .unwrap();
+    drop(f);
+
+    let found = changes(&copy, Some(&orig)).unwrap();
+    assert_eq!(
+        found
+            .iter()
+            .map(|c| (c.path.clone(), c.kind))
+            .collect::<Vec<_>>(),
+        vec![(PathBuf::from("/f"), ChangeKind::Modify)]
+    );
+    let tar = export_changes(&copy, &found, Vec::new()).unwrap();
+    let replay = tmp.path().join("replay");
+    common::cp_a(&orig, &replay);
+    apply_layer(&replay, &tar[..]).unwrap();
+    assert_eq!(fs::read(replay.join("f")).unwrap(), b"new");
+}
