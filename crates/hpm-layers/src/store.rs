@@ -43,6 +43,7 @@
 mod base;
 mod export;
 mod ext4;
+pub use ext4::mkfs as mkfs_ext4;
 mod info;
 mod locks;
 mod mounts;

@@ -18,12 +18,14 @@ const EXTENDED: &str = "nodiscard,lazy_itable_init=0,lazy_journal_init=0";
 /// Fallback for an `mkfs.ext4` without `lazy_journal_init` (devicemapper does the same).
 const EXTENDED_OLD: &str = "nodiscard,lazy_itable_init=0";
 
-/// Makes an ext4 filesystem with 4096-byte blocks (what our loop devices need) on `block`,
-/// with no periodic check by mount count or time.
-pub(super) fn mkfs(block: &Path) -> Result<()> {
+/// Makes an ext4 filesystem with 4096-byte blocks (what our loop devices need) on `block`
+/// (a block device or a regular file), with no periodic check by mount count or time.
+pub fn mkfs(block: &Path) -> Result<()> {
     let args = |extended: &'static str| -> Vec<&OsStr> {
         vec![
             "-q".as_ref(),
+            // No question when `block` is a regular file or holds a filesystem already.
+            "-F".as_ref(),
             "-b".as_ref(),
             "4096".as_ref(),
             "-E".as_ref(),

@@ -272,7 +272,8 @@ impl Daemon {
     }
 
     /// Makes an ext4 filesystem with 4096-byte blocks on `name` (its loop device if
-    /// attached, else its FUSE file).
+    /// attached, else its FUSE file), as the layer store makes its base: inode tables and
+    /// journal written at once, so no background thread writes them after the first mount.
     pub fn mkfs(&self, name: &str) -> Result<()> {
         let attached = self
             .attachments
@@ -286,22 +287,10 @@ impl Daemon {
         if self.pool.device_info(name)?.read_only {
             bail!("device {name:?} is read-only");
         }
-        let out = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-b", "4096", "-E", "nodiscard"])
-            .arg(&target)
-            .output()
-            .context("running mkfs.ext4 (install e2fsprogs)");
+        let made = hpm_layers::store::mkfs_ext4(&target);
         if added {
             self.unexport(name);
         }
-        let out = out?;
-        if !out.status.success() {
-            bail!(
-                "mkfs.ext4 on {} failed: {}",
-                target.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        made.with_context(|| format!("making ext4 on {}", target.display()))
     }
 }
