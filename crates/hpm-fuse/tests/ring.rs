@@ -15,6 +15,7 @@ use hpm_testkit::host::{FuseUring, FUSE_URING_PARAM};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// Tests here take turns with the kernel's switch.
 static KERNEL_PARAM: Mutex<()> = Mutex::new(());
@@ -147,6 +148,11 @@ fn requests_go_over_io_uring_with_the_answers_of_dev_fuse() {
     assert!(ring_threads() > 0);
     let Env { export, pool, dir } = env;
     export.unmount().unwrap();
+    // A joined thread can linger in /proc/self/task for a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ring_threads() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(ring_threads(), 0);
     drop((pool, dir));
 }

@@ -140,5 +140,7 @@ fn the_serving_process_writes_and_fsyncs_on_its_own_filesystem() {
     wait_detached(&file);
     let st = env.export.stats();
     assert_eq!(st.errors, 0, "{st:?}");
-    assert!(st.flushes >= WRITERS * (FILE / MIB), "{st:?}");
+    // One writer's fsyncs each need a flush of their own (each follows the last one's
+    // return); concurrent writers' may share one journal commit and its flush.
+    assert!(st.flushes >= FILE / MIB, "{st:?}");
 }

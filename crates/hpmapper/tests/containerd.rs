@@ -400,9 +400,10 @@ fn run_sh(cmd: &str) {
     );
 }
 
-/// Polls `f` for up to 20 s until it returns something.
+/// Polls `f` for up to 120 s until it returns something (containerd's background garbage
+/// collection waits longer between runs the longer a run took: long on a loaded machine).
 fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         if let Some(v) = f() {
             return Some(v);

@@ -544,12 +544,13 @@ fn fsynced_files_survive_a_sigkill_of_the_daemon() {
             let _ = done_tx.send(fsync_workload(&mnt, &log, &stop));
         });
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Only a guard against a hang: a loaded machine can take long over these fsyncs.
+    let deadline = Instant::now() + Duration::from_secs(180);
     while logged(&log).len() < 64 {
         if let Ok(e) = done.try_recv() {
             panic!("the workload stopped before the kill: {e:?}");
         }
-        assert!(Instant::now() < deadline, "64 fsyncs took over 30 s");
+        assert!(Instant::now() < deadline, "64 fsyncs took over 180 s");
         std::thread::sleep(Duration::from_millis(10));
     }
     env.kill_daemon();

@@ -533,8 +533,10 @@ fn a_running_container_keeps_its_layer_across_a_live_restore_of_dockerd() {
     h.dockerd.start();
     h.dockerd.import("bb:base", &busybox_rootfs());
     let image_layers = h.layer_devices().len();
-    // A container that keeps writing into its own layer.
-    let counter = "i=0; while :; do i=$((i+1)); echo $i > /n.tmp && mv /n.tmp /n; sleep 0.05; done";
+    // A container that keeps writing into its own layer, counting on from what it finds
+    // there (started again, it must go past where it stopped however long that took).
+    let counter = "i=$(cat /n 2>/dev/null || echo 0); \
+                   while :; do i=$((i+1)); echo $i > /n.tmp && mv /n.tmp /n; sleep 0.05; done";
     h.dockerd.ok(&[
         "run", "-d", "--name", "live", "bb:base", "sh", "-c", counter,
     ]);
@@ -542,7 +544,9 @@ fn a_running_container_keeps_its_layer_across_a_live_restore_of_dockerd() {
     // container running: if the test fails half way, remove it first.
     let _remove = RemoveOnDrop(h.dockerd.command(&["rm", "-f", "live"]));
     let count = |h: &HpmDocker| -> u64 {
-        let out = h.dockerd.ok(&["exec", "live", "cat", "/n"]);
+        let out = h
+            .dockerd
+            .ok(&["exec", "live", "sh", "-c", "cat /n 2>/dev/null || echo 0"]);
         out.trim()
             .parse()
             .unwrap_or_else(|_| panic!("/n holds {out:?}"))
