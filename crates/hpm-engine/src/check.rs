@@ -77,6 +77,24 @@ pub fn check_storage(storage: PoolStorage) -> Result<CheckReport> {
         chunk_blocks: store.sb.chunk_blocks,
         capacity_blocks: store.sb.capacity_blocks,
     };
+    // The capacity sizes the state built below: checked against the data store first, so
+    // that a corrupt capacity is reported rather than allocated.
+    let need = geo.capacity_blocks * BLOCK_SIZE; // at most 2^32 chunks of 4 MiB
+    match storage.data.len() {
+        Ok(len) if len < need => {
+            report.problems.push(format!(
+                "data store is {len} bytes, smaller than the capacity {need}; the maps are not checked"
+            ));
+            return Ok(report);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            report.problems.push(format!(
+                "cannot read the data store's size: {e}; the maps are not checked"
+            ));
+            return Ok(report);
+        }
+    }
     let mut st = State::from_checkpoint(geo, &loaded.checkpoint, &mut report.problems);
     for (seq, batch) in &loaded.scan.batches {
         for (k, r) in batch.iter().enumerate() {
@@ -97,16 +115,6 @@ pub fn check_storage(storage: PoolStorage) -> Result<CheckReport> {
         )),
         (Some(why), None) => report.notes.push(format!("journal tail cut off at open: {why}")),
         _ => {}
-    }
-    match storage.data.len() {
-        Ok(len) if len < geo.capacity_blocks * BLOCK_SIZE => report.problems.push(format!(
-            "data store is {len} bytes, smaller than the capacity {}",
-            geo.capacity_blocks * BLOCK_SIZE
-        )),
-        Ok(_) => {}
-        Err(e) => report
-            .problems
-            .push(format!("cannot read the data store's size: {e}")),
     }
     report.devices = st.devices.len();
     report.used_blocks = st.space.used_blocks();

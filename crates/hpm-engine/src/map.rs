@@ -483,6 +483,9 @@ impl DeviceMap {
     ) -> Option<u64> {
         let c = u64::from(chunk_blocks);
         let (v, i) = (vblock / c, (vblock % c) as u32);
+        if new.is_none() && self.get(v).is_none() {
+            return None;
+        }
         let slot = self.slot_mut(v);
         let old = slot.as_ref().and_then(|e| e.block(i, chunk_blocks));
         if old == new {

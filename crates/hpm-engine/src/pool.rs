@@ -23,7 +23,7 @@
 
 use crate::cache::{BlockCache, CacheConfig, CacheStats};
 use crate::shard::Gate;
-use crate::state::{check_name, DeviceState, Geometry, State};
+use crate::state::{check_name, check_size, DeviceState, Geometry, State};
 use crate::stats::{EngineStats, Stats};
 use crate::store::{Dev, PoolStorage, Store};
 use crate::{Error, ErrorKind, Result};
@@ -220,13 +220,13 @@ fn data_path(dir: &Path, sb: &Superblock) -> PathBuf {
 }
 
 /// The capacity in blocks for `capacity` bytes: whole chunks of `chunk_blocks` blocks, at
-/// most 2^32 of them (chunk numbers are 32-bit).
+/// most [`hpm_format::MAX_CHUNKS`] of them (chunk numbers are 32-bit).
 fn capacity_blocks_of(capacity: u64, chunk_blocks: u64) -> Result<u64> {
     let blocks = capacity / (chunk_blocks * BLOCK_SIZE) * chunk_blocks;
-    if blocks / chunk_blocks > u64::from(u32::MAX) {
+    if blocks / chunk_blocks > hpm_format::MAX_CHUNKS {
         return Err(Error::new(
             ErrorKind::Invalid,
-            format!("capacity {capacity} needs more than 2^32 chunks"),
+            format!("capacity {capacity} needs more than 2^32 - 1 chunks"),
         ));
     }
     Ok(blocks)
@@ -484,6 +484,18 @@ impl Pool {
                 ),
             ));
         }
+        // Before anything is sized by the capacity: a corrupt one must not allocate first.
+        let data = Checked::new(storage.data);
+        let have = data
+            .len()
+            .map_err(|e| Error::io("reading the data store's size", e))?;
+        let need = geo.capacity_blocks * BLOCK_SIZE; // at most 2^32 chunks of 4 MiB
+        if have < need {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("the data store is {have} bytes, smaller than the pool's capacity {need}"),
+            ));
+        }
         let mut problems = Vec::new();
         let mut st = State::from_checkpoint(geo, &loaded.checkpoint, &mut problems);
         if let Some(p) = problems.first() {
@@ -507,19 +519,6 @@ impl Pool {
             st.space.release(&pending);
             st.space.settle(txn);
             freed.extend(pending);
-        }
-        let data = Checked::new(storage.data);
-        let have = data
-            .len()
-            .map_err(|e| Error::io("reading the data store's size", e))?;
-        if have < geo.capacity_blocks * BLOCK_SIZE {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "the data store is {have} bytes, smaller than the pool's capacity {}",
-                    geo.capacity_blocks * BLOCK_SIZE
-                ),
-            ));
         }
         if store.sb.flags & FLAG_NEEDS_CHECK != 0 {
             tracing::info!(
@@ -759,13 +758,17 @@ impl Pool {
         })
     }
 
-    /// Creates an empty device of `size` bytes (a multiple of 4096). Durable on return.
+    /// Creates an empty device of `size` bytes (a multiple of 4096, at most
+    /// [`hpm_format::MAX_DEVICE_SIZE`]). Durable on return.
     pub fn create_device(&self, name: &str, size: u64) -> Result<DeviceInfo> {
         check_name(name).map_err(|e| Error::new(ErrorKind::Invalid, e))?;
-        if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
+        if size == 0 || check_size(size).is_err() {
             return Err(Error::new(
                 ErrorKind::Invalid,
-                format!("device size {size} must be a positive multiple of 4096"),
+                format!(
+                    "device size {size} must be a positive multiple of 4096 of at most {} bytes (64 TiB)",
+                    hpm_format::MAX_DEVICE_SIZE
+                ),
             ));
         }
         self.manage(|st| {
@@ -814,12 +817,7 @@ impl Pool {
     pub fn resize_device(&self, name: &str, size: u64) -> Result<DeviceInfo> {
         self.manage(|st| {
             let d = st.by_name(name).ok_or_else(|| not_found(name))?;
-            if !size.is_multiple_of(BLOCK_SIZE) {
-                return Err(Error::new(
-                    ErrorKind::Invalid,
-                    format!("size {size} is not a multiple of 4096"),
-                ));
-            }
+            check_size(size).map_err(|e| Error::new(ErrorKind::Invalid, e))?;
             if size < d.size {
                 return Err(Error::new(
                     ErrorKind::Unsupported,

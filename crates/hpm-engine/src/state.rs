@@ -7,7 +7,9 @@
 use crate::fast_hash::FastMap;
 use crate::map::{DeviceMap, Entry};
 use crate::space::Space;
-use hpm_format::{CheckpointState, DeviceRecord, EntryRecord, Record, BLOCK_SIZE, NO_BLOCK};
+use hpm_format::{
+    CheckpointState, DeviceRecord, EntryRecord, Record, BLOCK_SIZE, MAX_DEVICE_SIZE, NO_BLOCK,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,6 +59,16 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a device size: a multiple of 4096, at most [`MAX_DEVICE_SIZE`].
+pub(crate) fn check_size(size: u64) -> Result<(), String> {
+    if !size.is_multiple_of(BLOCK_SIZE) || size > MAX_DEVICE_SIZE {
+        return Err(format!(
+            "size {size} is not a multiple of 4096 of at most {MAX_DEVICE_SIZE} bytes (64 TiB)"
+        ));
+    }
+    Ok(())
+}
+
 impl State {
     pub(crate) fn new(geo: Geometry) -> Self {
         Self {
@@ -93,11 +105,7 @@ impl State {
                 read_only,
             } => {
                 self.check_new(*id, name)?;
-                if size % BLOCK_SIZE != 0 {
-                    return Err(format!(
-                        "device {name:?} size {size} is not a multiple of 4096"
-                    ));
-                }
+                check_size(*size).map_err(|e| format!("device {name:?}: {e}"))?;
                 self.insert(DeviceState {
                     id: *id,
                     name: name.clone(),
@@ -142,7 +150,7 @@ impl State {
             }
             Record::Resize { id, size } => {
                 let d = self.dev(*id)?;
-                if *size < d.size || size % BLOCK_SIZE != 0 {
+                if *size < d.size || check_size(*size).is_err() {
                     return Err(format!(
                         "device {:?} cannot change size from {} to {size}",
                         d.name, d.size
@@ -184,6 +192,19 @@ impl State {
             }
             Record::Unmap { dev, vblock, count } => {
                 self.check_range(*dev, *vblock, *count)?;
+                // Only mapped blocks are ever unmapped (`Device::discard` logs no others), so
+                // an unmapped one is corruption; refusing it also bounds the work to blocks
+                // that exist, whatever the count says.
+                let d = self.dev(*dev)?;
+                if let Some(k) =
+                    (0..u64::from(*count)).find(|k| d.map.lookup(vblock + k, cb).is_none())
+                {
+                    return Err(format!(
+                        "unmaps block {} of device {:?}, which is not mapped (only mapped blocks are unmapped)",
+                        vblock + k,
+                        d.name
+                    ));
+                }
                 for k in 0..u64::from(*count) {
                     let d = self.devices.get_mut(dev).expect("checked");
                     if let Some(old) = d.map.set_block(vblock + k, None, cb) {
@@ -202,6 +223,9 @@ impl State {
         }
         if self.devices.contains_key(&id) || id == 0 {
             return Err(format!("device id {id} is already used"));
+        }
+        if id == u32::MAX {
+            return Err(format!("device id {id} is out of range"));
         }
         Ok(())
     }
@@ -272,11 +296,8 @@ impl State {
                 problems.push(format!("checkpoint: {w}: {e}"));
                 continue;
             }
-            if d.size % BLOCK_SIZE != 0 {
-                problems.push(format!(
-                    "checkpoint: {w}: size {} is not a multiple of 4096",
-                    d.size
-                ));
+            if let Err(e) = check_size(d.size) {
+                problems.push(format!("checkpoint: {w}: {e}"));
                 continue;
             }
             let vchunks = (d.size / BLOCK_SIZE).div_ceil(st.c());

@@ -155,7 +155,7 @@ impl Store {
         let file_len = dev
             .len()
             .map_err(|e| io_err("reading meta file length", e))?;
-        if SLOT_SIZE as u64 + h.checkpoint_len > file_len {
+        if h.checkpoint_len > file_len.saturating_sub(SLOT_SIZE as u64) {
             return Err(corrupt(format!(
                 "checkpoint of {len} bytes is truncated (file is {file_len} bytes)"
             )));
@@ -226,7 +226,12 @@ impl Store {
     /// at it. IMPORTANT: the caller has synced the data every entry points to.
     pub(crate) fn write_checkpoint(&mut self, body: &[u8], flags: u32) -> crate::Result<()> {
         let f = 1 - self.sb.active_meta;
-        let gen = self.sb.meta_gen + 1;
+        let gen = self.sb.meta_gen.checked_add(1).ok_or_else(|| {
+            crate::Error::new(
+                crate::ErrorKind::Corrupt,
+                "the checkpoint generation is exhausted (2^64 - 1): the superblock is corrupt",
+            )
+        })?;
         let crc = hpm_format::checksum(body);
         let h = MetaHeader {
             file: f,
@@ -259,7 +264,12 @@ impl Store {
     /// checkpoints and of flag changes.
     pub(crate) fn write_superblock(&mut self, mut sb: Superblock) -> crate::Result<()> {
         sb.slot = 1 - self.sb.slot;
-        sb.sequence = self.sb.sequence + 1;
+        sb.sequence = self.sb.sequence.checked_add(1).ok_or_else(|| {
+            crate::Error::new(
+                crate::ErrorKind::Corrupt,
+                "the superblock sequence is exhausted (2^64 - 1): the superblock is corrupt",
+            )
+        })?;
         let ctx = |e| io_err("writing the superblock", e);
         self.sb_dev
             .write_at(&sb.encode(), u64::from(sb.slot) * SLOT_SIZE as u64)

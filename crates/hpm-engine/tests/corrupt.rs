@@ -6,7 +6,9 @@ mod common;
 
 use common::*;
 use hpm_engine::{check_storage, ErrorKind};
-use hpm_format::{CheckpointState, EntryRecord, MetaHeader, Superblock, SLOT_SIZE};
+use hpm_format::{
+    encode_batch, CheckpointState, EntryRecord, MetaHeader, Record, Superblock, SLOT_SIZE,
+};
 use hpm_io::Backend;
 use hpm_testkit::workload::pattern;
 
@@ -250,4 +252,191 @@ fn inconsistent_entries_are_each_reported_with_where_they_are() {
             "\"base\" already exists",
         ],
     );
+}
+
+#[test]
+fn a_zeroed_batch_header_before_intact_batches_is_damage_not_a_torn_tail() {
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 16 << 20);
+    pool.create_device("a", 1 << 20).unwrap();
+    for k in 0..4u64 {
+        pool.open_device("a")
+            .unwrap()
+            .write_at(&pattern(k, 8192), k * 65536)
+            .unwrap();
+        pool.flush().unwrap();
+    }
+    std::mem::forget(pool);
+    // The first batch's header zeroed (the batches are smaller than a sector): before, open
+    // took it for the clean end of the journal and cut off the flushed batches after it.
+    let sb = current_sb(&disks);
+    let start = MetaHeader::journal_start(sb.checkpoint_len);
+    let meta = &disks.meta[sb.active_meta as usize];
+    meta.write_at(&[0; 32], start).unwrap();
+    let e = open_err(&disks);
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("damaged in the middle"), "{e}");
+    assert_reported(&disks, &["not a torn tail"]);
+}
+
+/// Writes `sb` over the current superblock slot with a valid checksum.
+fn write_sb(disks: &Disks, sb: &Superblock) {
+    disks
+        .sb
+        .write_at(&sb.encode(), u64::from(sb.slot) * SLOT_SIZE as u64)
+        .unwrap();
+}
+
+#[test]
+fn a_capacity_beyond_the_data_store_is_refused_before_anything_is_sized_by_it() {
+    let disks = pool_with_data();
+    let sb = current_sb(&disks);
+    // The largest capacity the superblock allows: sized first, it would ask for 2^32 chunk
+    // records (about 170 GB) before the data store's size was looked at.
+    let huge = Superblock {
+        capacity_blocks: u64::from(sb.chunk_blocks) * u64::from(u32::MAX),
+        ..sb.clone()
+    };
+    write_sb(&disks, &huge);
+    let e = open_err(&disks);
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(
+        e.to_string().contains("smaller than the pool's capacity"),
+        "{e}"
+    );
+    assert_reported(&disks, &["smaller than the capacity"]);
+
+    // Not a whole number of chunks, or more than 2^32 - 1 of them: the slot is corrupt.
+    for capacity_blocks in [
+        sb.capacity_blocks + 1,
+        u64::from(sb.chunk_blocks) << 32,
+        u64::MAX,
+    ] {
+        let bad = Superblock {
+            capacity_blocks,
+            ..sb.clone()
+        };
+        let e = Superblock::decode(&bad.encode(), bad.slot).unwrap_err();
+        assert!(e.to_string().contains("capacity"), "{e}");
+    }
+}
+
+#[test]
+fn a_checkpoint_length_past_the_end_of_the_file_is_refused() {
+    let disks = pool_with_data();
+    let sb = current_sb(&disks);
+    let meta = &disks.meta[sb.active_meta as usize];
+    let h = MetaHeader::decode(&read(&**meta, 0, SLOT_SIZE), sb.active_meta).unwrap();
+    // Wraps to a small number when added to the header's 4096 bytes.
+    let len = u64::MAX - SLOT_SIZE as u64 + 1;
+    meta.write_at(
+        &MetaHeader {
+            checkpoint_len: len,
+            ..h
+        }
+        .encode(),
+        0,
+    )
+    .unwrap();
+    write_sb(
+        &disks,
+        &Superblock {
+            checkpoint_len: len,
+            ..sb
+        },
+    );
+    let e = open_err(&disks);
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("truncated"), "{e}");
+    assert_reported(&disks, &["truncated"]);
+}
+
+/// Closes the pool cleanly (empty journal), then writes `records` as the journal's first
+/// batch, with valid checksums: damage only the record rules can catch.
+fn journal_batch(disks: &Disks, records: &[Record]) {
+    disks.open().unwrap().close().unwrap();
+    let sb = current_sb(disks);
+    let start = MetaHeader::journal_start(sb.checkpoint_len);
+    disks.meta[sb.active_meta as usize]
+        .write_at(&encode_batch(sb.meta_gen, 1, records), start)
+        .unwrap();
+}
+
+#[test]
+fn hostile_journal_records_are_refused_without_the_work_they_ask_for() {
+    // A device of 8 EiB, then an unmap at its end: the map would grow a page table for it
+    // (16 TiB of pointers) before the block turned out to be unmapped.
+    let disks = pool_with_data();
+    journal_batch(
+        &disks,
+        &[
+            Record::CreateDevice {
+                id: 100,
+                name: "huge".into(),
+                size: 1 << 63,
+                read_only: false,
+            },
+            Record::Unmap {
+                dev: 100,
+                vblock: (1 << 51) - 1,
+                count: 1,
+            },
+        ],
+    );
+    let e = open_err(&disks);
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("at most"), "{e}");
+    assert_reported(&disks, &["\"huge\"", "at most"]);
+
+    // An unmap over blocks that are not mapped (the live path never logs one): refused at
+    // the first of them, however many the count says.
+    let disks = pool_with_data();
+    let base = disks.open().unwrap().device_info("base").unwrap();
+    journal_batch(
+        &disks,
+        &[Record::Unmap {
+            dev: base.id,
+            vblock: 200,
+            count: 56,
+        }],
+    );
+    let e = open_err(&disks);
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.to_string().contains("which is not mapped"), "{e}");
+    assert_reported(
+        &disks,
+        &["block 200 of device \"base\", which is not mapped"],
+    );
+
+    // The last device id, whose successor does not exist.
+    let disks = pool_with_data();
+    journal_batch(
+        &disks,
+        &[Record::CreateDevice {
+            id: u32::MAX,
+            name: "last".into(),
+            size: 1 << 20,
+            read_only: false,
+        }],
+    );
+    let e = open_err(&disks);
+    assert!(e.to_string().contains("out of range"), "{e}");
+}
+
+#[test]
+fn devices_larger_than_64_tib_are_refused() {
+    let disks = Disks::mem();
+    let pool = disks.create(&small_opts(), 16 << 20);
+    let max = hpm_format::MAX_DEVICE_SIZE;
+    let e = pool.create_device("big", max + 4096).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid);
+    assert!(e.to_string().contains("64 TiB"), "{e}");
+    pool.create_device("big", max).unwrap();
+    let e = pool.resize_device("big", max + 4096).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid);
+    // A write at the very end of the largest device works (and is only a page table).
+    let dev = pool.open_device("big").unwrap();
+    dev.write_at(&pattern(9, 4096), max - 4096).unwrap();
+    dev.flush().unwrap();
+    pool.close().unwrap();
 }

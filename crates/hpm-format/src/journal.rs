@@ -202,7 +202,9 @@ pub struct BatchScan {
     /// Why scanning stopped before the end of the region, if it did (a torn tail or damage).
     pub stopped: Option<String>,
     /// A whole batch of this generation with a later sequence number lies after the point
-    /// where scanning stopped: the stop is damage in the middle, not a torn tail.
+    /// where scanning stopped: the stop is damage in the middle, not a torn tail. Also set,
+    /// to where the search gave up, when the bytes after the stop hold more would-be batch
+    /// headers than the search checks (see `find_later`): refusing is the safe answer.
     pub later_batch_at: Option<u64>,
 }
 
@@ -220,6 +222,8 @@ pub fn decode_batches(region: &[u8], gen: u64) -> BatchScan {
                 scan.stopped = Some(format!(
                     "non-zero bytes after the last batch at journal offset {pos}"
                 ));
+                // A zeroed header (a zeroed sector) in front of later batches is damage too.
+                scan.later_batch_at = find_later(region, pos + 1, gen, next_seq);
             }
             break;
         }
@@ -241,22 +245,42 @@ pub fn decode_batches(region: &[u8], gen: u64) -> BatchScan {
 }
 
 /// The offset of a whole batch of `gen` numbered above `seq`, searching from `from`.
+///
+/// Only candidates whose header names `gen` and a later sequence are checksummed, and at most
+/// [`FIND_LATER_BUDGET`] times the searched bytes in all: crafted bytes that repeat such a
+/// header every few bytes would otherwise cost a checksum over the rest of the region each.
+/// Past the budget the search answers where it stopped, as if it had found a batch.
 fn find_later(region: &[u8], from: usize, gen: u64, seq: u64) -> Option<u64> {
     let magic = BATCH_MAGIC.to_le_bytes();
+    let mut budget = region
+        .len()
+        .saturating_sub(from)
+        .saturating_mul(FIND_LATER_BUDGET);
     let mut pos = from;
     while pos + BATCH_OVERHEAD <= region.len() {
         let at = pos + region[pos..].windows(4).position(|w| w == magic)?;
         let rest = &region[at..];
-        if rest.len() >= HEADER {
-            let s = u64::from_le_bytes(rest[16..24].try_into().expect("8 bytes"));
-            if s > seq && decode_one(rest, gen, s).is_ok() {
-                return Some(at as u64);
+        if rest.len() >= BATCH_OVERHEAD {
+            let word = |o: usize| u32::from_le_bytes(rest[o..o + 4].try_into().expect("4 bytes"));
+            let dword = |o: usize| u64::from_le_bytes(rest[o..o + 8].try_into().expect("8 bytes"));
+            let total = BATCH_OVERHEAD + word(4) as usize;
+            if dword(8) == gen && dword(16) > seq && word(4) <= MAX_PAYLOAD && total <= rest.len() {
+                if total > budget {
+                    return Some(at as u64);
+                }
+                budget -= total;
+                if decode_one(rest, gen, dword(16)).is_ok() {
+                    return Some(at as u64);
+                }
             }
         }
         pos = at + 1;
     }
     None
 }
+
+/// How many times the bytes it searches [`find_later`] may checksum.
+const FIND_LATER_BUDGET: usize = 4;
 
 fn decode_one(buf: &[u8], gen: u64, seq: u64) -> Result<(Vec<Record>, usize), String> {
     if buf.len() < BATCH_OVERHEAD {
@@ -379,5 +403,43 @@ mod tests {
         assert_eq!(torn.later_batch_at, None);
         assert!(decode_batches(&one, 4).batches.is_empty());
         assert!(decode_batches(&two, 3).batches.is_empty());
+        // A zeroed header is damage too when an intact later batch follows it.
+        let mut zeroed = one.clone();
+        zeroed[..8].fill(0);
+        zeroed.extend_from_slice(&two);
+        let scan = decode_batches(&zeroed, 3);
+        assert!(scan.batches.is_empty() && scan.stopped.is_some());
+        assert_eq!(scan.later_batch_at, Some(one.len() as u64));
+        // Zeros to the end are the clean end.
+        let clean = decode_batches(&[&one[..], &[0; 4096][..]].concat(), 3);
+        assert_eq!((clean.batches.len(), clean.stopped), (1, None));
+    }
+
+    /// Bytes that repeat a plausible later header every 40 bytes, each claiming half the
+    /// region: checksumming each candidate would take about R^2/80 bytes of CRC (hours for
+    /// this 16 MiB region); the search gives up after 4 R and says "damage".
+    #[test]
+    fn the_search_for_a_later_batch_is_bounded() {
+        const R: usize = 16 << 20;
+        let mut region = encode_batch(3, 1, &records());
+        region[40] ^= 1; // batch 1 damaged
+        let fake = {
+            let mut h = Writer::new();
+            h.u32(BATCH_MAGIC);
+            h.u32((R / 2) as u32);
+            h.u64(3);
+            h.u64(99);
+            h.u32(0);
+            h.u32(0);
+            h.u64(0);
+            h.buf
+        };
+        assert_eq!(fake.len(), 40);
+        while region.len() < R {
+            region.extend_from_slice(&fake);
+        }
+        let scan = decode_batches(&region, 3);
+        assert!(scan.batches.is_empty());
+        assert!(scan.later_batch_at.is_some(), "{scan:?}");
     }
 }

@@ -30,6 +30,12 @@ pub const MIN_CHUNK_BLOCKS: u32 = 16;
 pub const MAX_CHUNK_BLOCKS: u32 = 1024;
 /// Sentinel for "no physical block" in split entries.
 pub const NO_BLOCK: u64 = u64::MAX;
+/// Largest device: 64 TiB. A device's map keeps a pointer per 64 chunks up to the highest
+/// one written, so a write at the end of a device of this size costs at most 128 MiB of
+/// them (64 KiB chunks); a larger size in the metadata is corruption.
+pub const MAX_DEVICE_SIZE: u64 = 1 << 46;
+/// Most chunks a pool holds (physical chunk numbers are 32-bit).
+pub const MAX_CHUNKS: u64 = u32::MAX as u64;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

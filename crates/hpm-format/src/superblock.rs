@@ -157,6 +157,15 @@ impl Superblock {
         }
         r.take(3)?;
         let capacity_blocks = r.u64()?;
+        let c = u64::from(chunk_blocks);
+        if capacity_blocks % c != 0 || capacity_blocks / c > crate::MAX_CHUNKS {
+            return Err(FormatError::corrupt(
+                W,
+                format!(
+                    "capacity of {capacity_blocks} blocks is not a whole number of at most 2^32 - 1 chunks of {chunk_blocks} blocks"
+                ),
+            ));
+        }
         let active_meta = r.u32()?;
         if active_meta > 1 {
             return Err(FormatError::corrupt(
