@@ -112,10 +112,6 @@ impl Drop for Mapping {
     }
 }
 
-// SAFETY: the raw pointers point into memory owned by the ring (mappings, `buf`); the ring
-// is used by one thread at a time (`&mut self` for every operation).
-unsafe impl Send for FuseRing {}
-
 impl FuseRing {
     /// A ring whose payload buffer holds `payload_len` bytes (the connection's `max_write`
     /// or `max_pages` x 4096, whichever is larger; the kernel refuses smaller ones).
@@ -150,6 +146,13 @@ impl FuseRing {
                 rings.at::<u32>(params.cq_off.ring_mask)?.read(),
             )
         };
+        let (sq_tail, sq_array) = (
+            rings.at(params.sq_off.tail)?,
+            rings.at(params.sq_off.array)?,
+        );
+        let (cq_head, cq_tail) = (rings.at(params.cq_off.head)?, rings.at(params.cq_off.tail)?);
+        let cqes = rings.at(params.cq_off.cqes)?;
+        // Allocated last: nothing after it can fail and leak it.
         let payload_len = payload_len.next_multiple_of(ALIGN);
         let buf_layout = std::alloc::Layout::from_size_align(ALIGN + payload_len, ALIGN)
             .map_err(io::Error::other)?;
@@ -168,11 +171,11 @@ impl FuseRing {
             },
         ]);
         Ok(FuseRing {
-            sq_tail: rings.at(params.sq_off.tail)?,
-            sq_array: rings.at(params.sq_off.array)?,
-            cq_head: rings.at(params.cq_off.head)?,
-            cq_tail: rings.at(params.cq_off.tail)?,
-            cqes: rings.at(params.cq_off.cqes)?,
+            sq_tail,
+            sq_array,
+            cq_head,
+            cq_tail,
+            cqes,
             sq_mask,
             cq_mask,
             ring,
@@ -267,10 +270,11 @@ impl FuseRing {
         // The command area (offset 48): struct fuse_uring_cmd_req { flags, commit_id, qid }.
         sqe[56..64].copy_from_slice(&commit_id.to_ne_bytes());
         sqe[64..66].copy_from_slice(&qid.to_ne_bytes());
-        // SAFETY: the SQ ring pointers come from the kernel's offsets into our mapping; one
-        // SQE is ever in flight, so slot (tail & mask) is free; the tail store publishes it.
+        // SAFETY: the SQ tail pointer comes from the kernel's offsets into our mapping.
+        let tail = unsafe { self.sq_tail.as_ref().load(Ordering::Relaxed) };
+        // SAFETY: as above; one SQE is ever in flight, so slot (tail & mask) is free; the
+        // tail store publishes it.
         unsafe {
-            let tail = self.sq_tail.as_ref().load(Ordering::Relaxed);
             let index = tail & self.sq_mask;
             std::ptr::copy_nonoverlapping(
                 sqe.as_ptr(),
@@ -285,7 +289,7 @@ impl FuseRing {
                 .as_ref()
                 .store(tail.wrapping_add(1), Ordering::Release);
         }
-        self.in_kernel = true;
+        let was_in_kernel = std::mem::replace(&mut self.in_kernel, true);
         let (min_complete, flags) = match and_wait {
             true => (1, IoringEnterFlags::GETEVENTS),
             false => (0, IoringEnterFlags::empty()),
@@ -296,9 +300,18 @@ impl FuseRing {
             match unsafe { io_uring_enter(&self.ring, 1, min_complete, flags) } {
                 // Submitted (a wait interrupted after the submission still returns 1).
                 Ok(1) => return Ok(()),
-                Ok(_) => return Err(io::Error::other("io_uring took no submission")),
                 Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(e.into()),
+                refused => {
+                    // Nothing was consumed (an error means no submission): take the SQE
+                    // back, or the next call would submit it ahead of its own.
+                    // SAFETY: as above; the kernel has not read past the old tail.
+                    unsafe { self.sq_tail.as_ref().store(tail, Ordering::Release) };
+                    self.in_kernel = was_in_kernel;
+                    return Err(match refused {
+                        Err(e) => e.into(),
+                        Ok(_) => io::Error::other("io_uring took no submission"),
+                    });
+                }
             }
         }
     }
