@@ -11,6 +11,7 @@ use hpm_format::{
 };
 use hpm_io::Backend;
 use hpm_testkit::workload::pattern;
+use std::sync::Arc;
 
 /// A closed pool with two devices sharing data and some journal after its checkpoint.
 fn pool_with_data() -> Disks {
@@ -166,8 +167,9 @@ fn a_truncated_metadata_file_is_caught() {
     assert_reported(&disks, &[&format!("meta.{}", sb.active_meta)]);
 }
 
-#[test]
-fn damage_inside_the_journal_is_not_mistaken_for_a_torn_tail() {
+/// A crashed pool (not closed) whose journal holds five flushed batches; with the active
+/// metadata file and where its journal starts.
+fn pool_with_a_journal() -> (Disks, Arc<dyn Backend>, u64) {
     let disks = Disks::mem();
     let pool = disks.create(&small_opts(), 16 << 20);
     pool.create_device("a", 1 << 20).unwrap();
@@ -181,8 +183,14 @@ fn damage_inside_the_journal_is_not_mistaken_for_a_torn_tail() {
     std::mem::forget(pool);
     let sb = current_sb(&disks);
     let start = MetaHeader::journal_start(sb.checkpoint_len);
-    let meta = &disks.meta[sb.active_meta as usize];
-    let mut b = read(&**meta, start + 40, 1);
+    let meta = disks.meta[sb.active_meta as usize].clone();
+    (disks, meta, start)
+}
+
+#[test]
+fn damage_inside_the_journal_is_not_mistaken_for_a_torn_tail() {
+    let (disks, meta, start) = pool_with_a_journal();
+    let mut b = read(&*meta, start + 40, 1);
     b[0] ^= 0xff;
     meta.write_at(&b, start + 40).unwrap();
     let e = open_err(&disks);
@@ -256,22 +264,9 @@ fn inconsistent_entries_are_each_reported_with_where_they_are() {
 
 #[test]
 fn a_zeroed_batch_header_before_intact_batches_is_damage_not_a_torn_tail() {
-    let disks = Disks::mem();
-    let pool = disks.create(&small_opts(), 16 << 20);
-    pool.create_device("a", 1 << 20).unwrap();
-    for k in 0..4u64 {
-        pool.open_device("a")
-            .unwrap()
-            .write_at(&pattern(k, 8192), k * 65536)
-            .unwrap();
-        pool.flush().unwrap();
-    }
-    std::mem::forget(pool);
+    let (disks, meta, start) = pool_with_a_journal();
     // The first batch's header zeroed (the batches are smaller than a sector): before, open
     // took it for the clean end of the journal and cut off the flushed batches after it.
-    let sb = current_sb(&disks);
-    let start = MetaHeader::journal_start(sb.checkpoint_len);
-    let meta = &disks.meta[sb.active_meta as usize];
     meta.write_at(&[0; 32], start).unwrap();
     let e = open_err(&disks);
     assert_eq!(e.kind(), ErrorKind::Corrupt);
