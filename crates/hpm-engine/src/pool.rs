@@ -184,12 +184,38 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
     lock_file(dir)
 }
 
+/// Makes the pool directory `dir` reachable by its owner only (mode 0700): its files hold
+/// every device's data and the names of every layer. Says so when an existing pool's
+/// directory was open to others (pools made before this rule, or a directory made by hand).
+fn make_private(dir: &Path, existing: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let what = || format!("making {} private", dir.display());
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| Error::io(what(), e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(what(), e))?;
+        if existing {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the pool directory was open to other users (mode {:o}); made it 0700",
+                mode & 0o7777
+            );
+        }
+    }
+    Ok(())
+}
+
 fn lock_file(dir: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -274,6 +300,7 @@ impl Pool {
         chunk_blocks_of(opts.chunk_size)?;
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        make_private(dir, false)?;
         let lock = lock_file(dir)?;
         for name in ["superblock", "meta.0", "meta.1"] {
             if dir.join(name).exists() {
@@ -421,6 +448,7 @@ impl Pool {
     /// `O_DIRECT`, as dm-thin's bios reach its data device; nothing cached twice).
     pub fn open_with_io(dir: &Path, cache: CacheConfig, data_io: IoMode) -> Result<Pool> {
         let lock = lock_dir(dir)?;
+        make_private(dir, true)?;
         let storage = open_files(dir, false, data_io)?;
         let pool = Self::open_on_with(storage, Some(lock), cache)?;
         let _ = pool.inner.dir.set(dir.to_path_buf());

@@ -5,7 +5,7 @@ use crate::Backend;
 use rustix::fs::{fallocate, FallocateFlags};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Reads at least this large get a WILLNEED hint for their whole range first.
@@ -119,7 +119,6 @@ impl FileBackend {
         let mut o = OpenOptions::new();
         o.read(true).write(true);
         if mode == IoMode::Direct {
-            use std::os::unix::fs::OpenOptionsExt;
             o.custom_flags(libc::O_DIRECT);
         }
         let file = o.open(path).map_err(|e| {
@@ -140,12 +139,14 @@ impl FileBackend {
         Ok(b)
     }
 
-    /// Creates a new regular file; fails if it exists.
+    /// Creates a new regular file, readable and writable by its owner only (mode 0600: it
+    /// holds pool data or metadata); fails if it exists.
     pub fn create_new(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(path)?;
         Self::from_file(file, path)
     }

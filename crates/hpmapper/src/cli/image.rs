@@ -13,7 +13,7 @@ use hpm_engine::{Device, Pool};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Args)]
@@ -146,7 +146,8 @@ pub fn export(pool: &Pool, args: &ExportArgs) -> Result<()> {
     let what = || format!("exporting device {:?} to {}", args.name, path.display());
     let dev = pool.open_device(&args.name).with_context(what)?;
     let mut opts = OpenOptions::new();
-    opts.write(true);
+    // A new image is the owner's only, like the pool it comes from.
+    opts.write(true).mode(0o600);
     if args.force {
         opts.create(true).truncate(true);
     } else {
