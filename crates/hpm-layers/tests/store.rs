@@ -238,6 +238,13 @@ fn get_and_put_are_counted_and_busy_layers_stay_safe() {
         ErrorKind::NotFound
     );
 
+    // A quote in the SELinux label would end the quoted context= early and pass the rest
+    // as more mount options: refused, nothing left mounted.
+    let e = s.get("rc", "system_u:object_r:x:s0\",dax").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert_eq!(s.mount_count("rc"), 0);
+    assert!(!is_mounted(&s.mountpoint("rc")));
+
     let rootfs = s.get("rc", "").unwrap();
     assert_eq!(s.get("rc", "").unwrap(), rootfs);
     assert_eq!(s.mount_count("rc"), 2);

@@ -46,6 +46,24 @@ fn every_cli_command_runs_through_the_daemon() {
         return;
     }
     let mut env = Env::new();
+    // A run directory that is a symlink (anyone could have planted it in a shared place) is
+    // refused before anything is served from it (`timeout`: a daemon that started anyway
+    // would not return).
+    fs::create_dir(env.path("elsewhere")).unwrap();
+    let link = env.path("run-link");
+    std::os::unix::fs::symlink(env.path("elsewhere"), &link).unwrap();
+    let out = Command::new("timeout")
+        .args(["20", BIN, "daemon", "--pool"])
+        .arg(&env.pool)
+        .arg("--run-dir")
+        .arg(&link)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let e = failed(&["daemon"], out);
+    assert!(e.contains("not a directory owned by this user"), "{e}");
+    assert_eq!(fs::read_dir(env.path("elsewhere")).unwrap().count(), 0);
+
     // A run directory anyone may enter: the daemon must make it private.
     fs::create_dir(&env.run_dir).unwrap();
     fs::set_permissions(&env.run_dir, fs::Permissions::from_mode(0o755)).unwrap();

@@ -21,12 +21,18 @@ pub(super) fn mount_ext4(block: &Path, target: &Path, label: &str) -> Result<()>
     let data = if label.is_empty() {
         None
     } else {
-        Some(CString::new(format!("context=\"{label}\"")).map_err(|_| {
+        // Quoted (an MLS range has commas); a quote in it would end the option early and
+        // let the rest pass as further mount options.
+        let refused = || {
             Error::new(
                 ErrorKind::Invalid,
-                format!("mount label {label:?} contains NUL"),
+                format!("mount label {label:?} contains a quote or NUL"),
             )
-        })?)
+        };
+        if label.contains('"') {
+            return Err(refused());
+        }
+        Some(CString::new(format!("context=\"{label}\"")).map_err(|_| refused())?)
     };
     rustix::mount::mount(block, target, "ext4", MountFlags::empty(), data.as_deref()).map_err(|e| {
         Error::io(

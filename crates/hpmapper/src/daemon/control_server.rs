@@ -6,21 +6,19 @@ use crate::cli::{self, Cli, Ctx};
 use crate::control::{Outcome, Request, Response, MAX_STDIN};
 use anyhow::{Context, Result};
 use clap::Parser;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-/// Binds the control socket, root only (mode 0600), replacing a stale one.
+/// Binds the control socket, root only (mode 0600 from the start), replacing a stale one;
+/// a live one (another daemon on this run directory) or a file that is not a socket is
+/// refused. See `hpm_io::socket::bind_private`.
 pub fn bind(path: &Path) -> Result<UnixListener> {
-    let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path)
-        .with_context(|| format!("binding the control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} root-only", path.display()))?;
-    Ok(l)
+    hpm_io::socket::bind_private(path)
+        .and_then(UnixListener::from_std)
+        .with_context(|| format!("binding the control socket {}", path.display()))
 }
 
 /// Accepts connections until `stop`.

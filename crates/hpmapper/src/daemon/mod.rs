@@ -238,10 +238,21 @@ pub fn run(pool_dir: &Path, run_dir: &Path, args: DaemonArgs) -> Result<()> {
     served.and(closed)
 }
 
-/// The run directory: created 0700 if missing; refused if another daemon answers there.
+/// The run directory: created 0700 if missing; refused if it is not a directory of ours (a
+/// symlink, or one another user made first in a shared place) or if another daemon answers
+/// there.
 fn prepare_run_dir(run_dir: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let md = std::fs::symlink_metadata(run_dir)
+        .with_context(|| format!("inspecting {}", run_dir.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    if !md.is_dir() || md.uid() != me {
+        bail!(
+            "run directory {} is not a directory owned by this user (uid {me}): refusing to serve sockets from it",
+            run_dir.display()
+        );
+    }
     std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private", run_dir.display()))?;
     let sock = run_dir.join(crate::control::SOCKET);
