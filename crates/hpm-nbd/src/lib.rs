@@ -50,6 +50,6 @@ mod shutdown;
 mod stats;
 mod transmission;
 
-pub use server::{bind_unix, NbdServer};
+pub use server::{bind_unix, Limits, NbdServer};
 pub use shutdown::Shutdown;
 pub use stats::NbdStats;

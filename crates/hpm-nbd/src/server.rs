@@ -10,7 +10,7 @@
 //! error, even a panic) stop the loop.
 
 use crate::handshake::{self, End};
-use crate::stats::{Counters, NbdStats};
+use crate::stats::{ConnectionGuard, Counters, NbdStats};
 use crate::transmission::InPlace;
 use crate::{transmission, Shutdown};
 use hpm_engine::Pool;
@@ -29,12 +29,33 @@ const WRITE_BUFFER: usize = 64 << 10;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Bounds on what clients may hold of the server before they are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Time a client has from connecting to the end of its handshake (qemu-nbd's
+    /// `--handshake-limit` is 10 s too); a client still negotiating then is disconnected.
+    pub handshake: Duration,
+    /// Connections served at once (every listener of the server together); one more is
+    /// closed at once. Each holds a thread and up to 64 MiB of request payload in flight.
+    pub connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            connections: 128,
+        }
+    }
+}
+
 /// An NBD server exporting every device of a pool; the export name is the device name.
 /// Cheap to clone; clones share the pool and the counters.
 #[derive(Clone)]
 pub struct NbdServer {
     pool: Pool,
     counters: Arc<Counters>,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for NbdServer {
@@ -54,9 +75,15 @@ impl NbdServer {
     /// A server for `pool`'s devices. Devices are looked up when a client connects, so
     /// devices created later are served too.
     pub fn new(pool: Pool) -> Self {
+        Self::with_limits(pool, Limits::default())
+    }
+
+    /// `new` with other [`Limits`].
+    pub fn with_limits(pool: Pool, limits: Limits) -> Self {
         Self {
             pool,
             counters: Arc::new(Counters::default()),
+            limits,
         }
     }
 
@@ -85,12 +112,15 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
-        self.connection(r, w, shutdown, InPlace::of_this_runtime())
+        let open = self.counters.connection();
+        self.connection(r, w, shutdown, InPlace::of_this_runtime(), open)
             .await
     }
 
     async fn serve(&self, listener: Listener, shutdown: Shutdown) {
         let mut conns = JoinSet::new();
+        // Whether the last connection was refused for the limit (warned once per episode).
+        let mut full = false;
         loop {
             // Reap finished connections so the set does not grow with the total count.
             while let Some(res) = conns.try_join_next() {
@@ -104,10 +134,24 @@ impl NbdServer {
                 // Replies are batched already; do not let Nagle delay the last one.
                 let _ = s.set_nodelay(true);
             }
+            let served = self.counters.snapshot().connections_open;
+            if accepted.is_ok() && served >= self.limits.connections as u64 {
+                if !full {
+                    tracing::warn!(
+                        limit = self.limits.connections,
+                        "NBD server: connection limit reached; closing new connections until one ends"
+                    );
+                }
+                full = true;
+                continue; // dropping the stream closes it
+            }
+            full = false;
             match accepted.and_then(Accepted::into_std) {
                 Ok(s) => {
+                    // Counted from here, so a burst of connections cannot pass the limit.
+                    let open = self.counters.connection();
                     let (me, sd) = (self.clone(), shutdown.clone());
-                    conns.spawn(async move { me.on_own_thread(s, sd).await });
+                    conns.spawn(async move { me.on_own_thread(s, sd, open).await });
                 }
                 Err(e) => {
                     tracing::warn!("NBD server: accepting a connection failed: {e}; retrying");
@@ -122,7 +166,7 @@ impl NbdServer {
 
     /// Serves `stream` on a new thread with a single-threaded runtime of its own; completes
     /// when that thread is done with it.
-    async fn on_own_thread(&self, stream: StdStream, shutdown: Shutdown) {
+    async fn on_own_thread(&self, stream: StdStream, shutdown: Shutdown, open: ConnectionGuard) {
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
         let me = self.clone();
         let spawned = std::thread::Builder::new()
@@ -138,7 +182,7 @@ impl NbdServer {
                         return;
                     }
                 };
-                rt.block_on(me.serve_std(stream, shutdown));
+                rt.block_on(me.serve_std(stream, shutdown, open));
                 drop(rt);
                 let _ = done.send(());
             });
@@ -152,7 +196,7 @@ impl NbdServer {
     }
 
     /// A connection on its own thread: the socket joins this thread's runtime.
-    async fn serve_std(&self, stream: StdStream, shutdown: Shutdown) {
+    async fn serve_std(&self, stream: StdStream, shutdown: Shutdown, open: ConnectionGuard) {
         let registered = match stream {
             StdStream::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
                 let (r, w) = s.into_split();
@@ -164,23 +208,37 @@ impl NbdServer {
             }),
         };
         match registered {
-            Ok((r, w)) => self.connection(r, w, shutdown, InPlace::Direct).await,
+            Ok((r, w)) => self.connection(r, w, shutdown, InPlace::Direct, open).await,
             Err(e) => tracing::warn!("NBD server: cannot register a connection: {e}"),
         }
     }
 
     /// One connection: handshake, then transmission. Never returns an error: whatever
     /// ends the connection is logged and counted here.
-    async fn connection<R, W>(&self, r: R, w: W, shutdown: Shutdown, in_place: InPlace)
-    where
+    async fn connection<R, W>(
+        &self,
+        r: R,
+        w: W,
+        shutdown: Shutdown,
+        in_place: InPlace,
+        open: ConnectionGuard,
+    ) where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let _open = self.counters.connection();
         let mut r = BufReader::with_capacity(READ_BUFFER, r);
         let mut w = BufWriter::with_capacity(WRITE_BUFFER, w);
         let negotiated = tokio::select! {
-            res = handshake::negotiate(&mut r, &mut w, &self.pool) => res,
+            res = tokio::time::timeout(
+                self.limits.handshake,
+                handshake::negotiate(&mut r, &mut w, &self.pool),
+            ) => match res {
+                Ok(res) => res,
+                Err(_) => Err(End::Violation(format!(
+                    "no export chosen within {:?} of connecting",
+                    self.limits.handshake
+                ))),
+            },
             _ = shutdown.triggered() => return,
         };
         let end = match negotiated {
@@ -200,6 +258,9 @@ impl NbdServer {
             }
             Err(End::Io(e)) => tracing::debug!("NBD connection ended: {e}"),
         }
+        // Counted closed before the socket closes (with `r` and `w`, after this): a client
+        // that sees the close finds the slot free again.
+        drop(open);
     }
 }
 

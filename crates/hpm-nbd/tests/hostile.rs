@@ -451,3 +451,61 @@ fn shutdown_cuts_off_a_client_that_does_not_read_a_reply_sent_in_place() {
     assert_eq!(stats.connections_open, 0);
     drop(c);
 }
+
+/// Reads from `s` until the server closes it; panics if it does not within 10 s.
+fn closed_by_server(s: &mut std::os::unix::net::UnixStream) {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("the server kept the connection: {e}"),
+        }
+    }
+}
+
+#[test]
+fn slow_handshakes_and_connections_past_the_limit_are_cut_off() {
+    let limits = hpm_nbd::Limits {
+        handshake: Duration::from_millis(300),
+        connections: 3,
+    };
+    let mut s = Served::start_with(&[("disk", SIZE)], limits);
+    // A client that connects and never chooses an export is disconnected.
+    let mut idle = Raw::connect(&s.socket);
+    closed_by_server(&mut idle.s);
+    // Three clients in transmission hold every connection; a fourth is closed at once,
+    // without a greeting, however long it waits.
+    let mut held: Vec<Raw> = (0..3)
+        .map(|_| {
+            let mut c = Raw::start(&s.socket, true);
+            c.go("disk");
+            c
+        })
+        .collect();
+    let mut extra = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    closed_by_server(&mut extra);
+    // The held ones still work, well past the handshake limit.
+    std::thread::sleep(Duration::from_millis(500));
+    for (h, c) in held.iter_mut().enumerate() {
+        c.request(0, CMD_READ, h as u64, 0, 4096);
+        let (error, handle) = c.simple_reply();
+        assert_eq!((error, handle), (0, h as u64));
+        c.bytes(4096);
+    }
+    // Once one ends, a new client is served again.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.server.stats().connections_open > 2 {
+        assert!(Instant::now() < deadline, "{:?}", s.server.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut again = Raw::start(&s.socket, true);
+    again.go("disk");
+    drop((again, held));
+    let stats = s.stop();
+    assert!(stats.protocol_errors >= 1, "{stats:?}");
+}

@@ -6,7 +6,7 @@
 pub mod raw;
 
 use hpm_engine::{CacheConfig, Pool, PoolOptions};
-use hpm_nbd::{NbdServer, NbdStats, Shutdown};
+use hpm_nbd::{Limits, NbdServer, NbdStats, Shutdown};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::JoinHandle;
@@ -26,6 +26,11 @@ pub struct Served {
 impl Served {
     /// Creates a 256 MiB pool with `devices` (name, size) and serves it.
     pub fn start(devices: &[(&str, u64)]) -> Served {
+        Self::start_with(devices, Limits::default())
+    }
+
+    /// `start`, the server with `limits`.
+    pub fn start_with(devices: &[(&str, u64)], limits: Limits) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let opts = PoolOptions {
             capacity: Some(256 * MIB),
@@ -40,7 +45,7 @@ impl Served {
             pool.create_device(name, *size).unwrap();
         }
         let socket = dir.path().join("nbd.sock");
-        let server = NbdServer::new(pool.clone());
+        let server = NbdServer::with_limits(pool.clone(), limits);
         let shutdown = Shutdown::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
