@@ -33,8 +33,8 @@ pub struct CreateArgs {
     #[arg(long, value_name = "SIZE", default_value = "512K")]
     chunk_size: String,
 
-    /// Data capacity [default: the data block device's size, or 90% of the free space of
-    /// the filesystem holding the data file]
+    /// Data capacity [default: the size of an existing non-empty --data device or file, else
+    /// 90% of the free space of the filesystem holding the pool directory]
     #[arg(long, value_name = "SIZE")]
     capacity: Option<String>,
 
