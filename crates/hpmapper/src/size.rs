@@ -69,6 +69,54 @@ pub fn parse(input: &str) -> Result<u64, SizeError> {
         .ok_or_else(|| err("it does not fit in 64 bits".into()))
 }
 
+/// Parses a size as Docker's storage options are read (go-units `RAMInBytes`, which
+/// devicemapper's `dm.basesize` and every driver's `--storage-opt size=` use): a number,
+/// fractions allowed, then optionally a space and a unit `k`, `m`, `g`, `t` or `p` in any
+/// case, itself optionally followed by `i` and then `b`; every unit is binary, so "20GB",
+/// "20g", "20GiB" and "1.5G" all parse (the fraction of a byte is dropped). Docker users
+/// write these; refusing "GB" here would only break their commands.
+pub fn parse_docker(input: &str) -> Result<u64, SizeError> {
+    let err = |why: &str| SizeError {
+        input: input.to_string(),
+        why: why.to_string(),
+    };
+    let s = input.trim();
+    let number_end = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, rest) = s.split_at(number_end);
+    if !number.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(err(if s.is_empty() {
+            "it is empty"
+        } else {
+            "it does not start with a number"
+        }));
+    }
+    let n: f64 = number.parse().map_err(|_| err("the number is malformed"))?;
+    let mut unit = rest.strip_prefix(' ').unwrap_or(rest).chars().peekable();
+    let shift = match unit.peek().map(char::to_ascii_lowercase) {
+        Some('k') => 10,
+        Some('m') => 20,
+        Some('g') => 30,
+        Some('t') => 40,
+        Some('p') => 50,
+        _ => 0,
+    };
+    if shift > 0 {
+        unit.next();
+    }
+    unit.next_if(|c| c.eq_ignore_ascii_case(&'i'));
+    unit.next_if(|c| c.eq_ignore_ascii_case(&'b'));
+    if unit.next().is_some() {
+        return Err(err("unknown unit"));
+    }
+    let bytes = n * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(err("it does not fit in 64 bits"));
+    }
+    Ok(bytes as u64)
+}
+
 /// Parses a whole percentage below 100: `"10%"` or `"10"` (as devicemapper's
 /// `dm.min_free_space=10%`). The error says what is accepted.
 pub fn parse_percent(input: &str) -> Result<u8, String> {
@@ -102,6 +150,45 @@ pub fn human(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_sizes_parse_as_docker_reads_them() {
+        let table: &[(&str, u64)] = &[
+            ("0", 0),
+            ("4096", 4096),
+            ("512b", 512),
+            ("20G", 20 << 30),
+            ("20g", 20 << 30),
+            ("20GB", 20 << 30),
+            ("20gb", 20 << 30),
+            ("20GiB", 20 << 30),
+            ("20 GB", 20 << 30),
+            ("1.5G", 3 << 29),
+            ("512M", 512 << 20),
+            ("100k", 100 << 10),
+            ("1T", 1 << 40),
+            ("2P", 2 << 50),
+            ("0.5k", 512),
+            ("1.0001k", 1024),
+        ];
+        for &(input, want) in table {
+            assert_eq!(parse_docker(input), Ok(want), "{input}");
+        }
+        for bad in [
+            "",
+            "G",
+            "-1G",
+            "1.2.3G",
+            "20GX",
+            "20 G B",
+            "20x",
+            "20000000P",
+            ".5G",
+        ] {
+            let e = parse_docker(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn plain_bytes_and_binary_suffixes_parse() {

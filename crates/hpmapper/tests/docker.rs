@@ -778,10 +778,10 @@ fn storage_opt_size_grows_and_refuses_below_the_base_size() {
         base > 900_000_000 && base < 1 << 30,
         "/ is {base} bytes with base size {BASE_SIZE}"
     );
-    let big = root_size(d, &["--storage-opt", "size=2G"]);
+    let big = root_size(d, &["--storage-opt", "size=2GB"]);
     assert!(
         big > 1_500_000_000 && big < 2 << 30,
-        "/ is {big} bytes with size=2G"
+        "/ is {big} bytes with size=2GB (binary, as Docker reads it)"
     );
     let args = [
         "run",
@@ -795,6 +795,47 @@ fn storage_opt_size_grows_and_refuses_below_the_base_size() {
     assert!(err.contains("base size"), "{err}");
     assert_eq!(d.ok(&["ps", "-aq"]), "");
     assert_eq!(h.layer_devices().len(), 1, "only the image's layer is left");
+
+    // Init again (a dockerd restarted on the same home) with other storage options: refused
+    // rather than taken silently (the store keeps the first ones); with the same, accepted.
+    let init = |home: &str, opts: &[String]| -> String {
+        let body = serde_json::json!({"Home": home, "Opts": opts, "UIDMaps": [], "GIDMaps": []});
+        let reply = plugin_call(&h.socket, "GraphDriver.Init", &body.to_string());
+        reply["Err"].as_str().unwrap_or_default().to_string() // success: no Err
+    };
+    let other = init("/nonexistent", &[]);
+    let home = other
+        .split("already initialized with home ")
+        .nth(1)
+        .and_then(|rest| rest.split(", not").next())
+        .unwrap_or_else(|| panic!("{other}"))
+        .to_string();
+    let same = [format!("hpmapper.basesize={BASE_SIZE}")];
+    assert_eq!(init(&home, &same), "");
+    let bigger = ["hpmapper.basesize=20GB".to_string()];
+    let e = init(&home, &bigger);
+    assert!(e.contains("restart the hpmapper daemon"), "{e}");
+    d.ok(&["run", "--rm", "bb:base", "true"]);
+}
+
+/// One graphdriver plugin request over the plugin's socket, as dockerd makes it; the JSON
+/// reply.
+fn plugin_call(socket: &Path, endpoint: &str, body: &str) -> serde_json::Value {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "POST /{endpoint} HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (_, json) = reply
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{reply}"));
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {reply}"))
 }
 
 #[test]

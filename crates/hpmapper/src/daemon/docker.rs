@@ -23,8 +23,12 @@ pub const DEFAULT_BASE_SIZE: u64 = 10 << 30;
 /// The graphdriver over the layer store.
 pub struct DockerDriver {
     daemon: Weak<Daemon>,
-    store: Mutex<Option<(PathBuf, Arc<LayerStore>)>>,
+    /// After Init: dockerd's home, the storage options it gave and the store.
+    store: Mutex<Option<(PathBuf, InitOptions, Arc<LayerStore>)>>,
 }
+
+/// The storage options of Init: base size, minimum free space (percent).
+type InitOptions = (u64, u8);
 
 impl DockerDriver {
     /// A driver for the daemon; the store is made at dockerd's Init.
@@ -39,7 +43,7 @@ impl DockerDriver {
         self.store
             .lock()
             .as_ref()
-            .map(|(_, s)| s.clone())
+            .map(|(_, _, s)| s.clone())
             .ok_or_else(|| DriverError {
                 kind: DriverErrorKind::Invalid,
                 message:
@@ -50,7 +54,7 @@ impl DockerDriver {
 
     /// Unmounts everything (daemon shutdown), keeping data.
     pub fn shutdown(&self) {
-        if let Some((_, s)) = self.store.lock().take() {
+        if let Some((_, _, s)) = self.store.lock().take() {
             if let Err(e) = s.cleanup() {
                 tracing::warn!("unmounting Docker layers at shutdown: {e}");
             }
@@ -91,7 +95,7 @@ impl GraphDriver for DockerDriver {
         for (k, v) in hpm_docker::parse_key_values(opts)? {
             match k.as_str() {
                 "hpmapper.basesize" => {
-                    base = crate::size::parse(&v)
+                    base = crate::size::parse_docker(&v)
                         .map_err(|e| invalid(format!("hpmapper.basesize: {e}")))?;
                 }
                 "hpmapper.min_free_space" => {
@@ -106,9 +110,15 @@ impl GraphDriver for DockerDriver {
             }
         }
         let mut slot = self.store.lock();
-        if let Some((h, _)) = slot.as_ref() {
-            if h == home {
+        if let Some((h, (old_base, old_min_free), _)) = slot.as_ref() {
+            if h == home && (*old_base, *old_min_free) == (base, min_free) {
                 return Ok(()); // dockerd restarted: keep the store and its mount counts
+            }
+            if h == home {
+                // Taken silently, they would not hold: the store keeps the first ones.
+                return Err(invalid(format!(
+                    "the store was initialized by an earlier dockerd with hpmapper.basesize={old_base} and hpmapper.min_free_space={old_min_free}%, not {base} and {min_free}%; restart the hpmapper daemon to change them"
+                )));
             }
             return Err(invalid(format!(
                 "already initialized with home {}, not {}",
@@ -125,7 +135,7 @@ impl GraphDriver for DockerDriver {
         o.base_size = base;
         o.min_free_space = min_free;
         let store = LayerStore::open(d.pool().clone(), devices, o).map_err(err)?;
-        *slot = Some((home.to_path_buf(), Arc::new(store)));
+        *slot = Some((home.to_path_buf(), (base, min_free), Arc::new(store)));
         tracing::info!(
             home = %home.display(),
             base_size = base,
@@ -147,7 +157,7 @@ impl GraphDriver for DockerDriver {
             match k.to_ascii_lowercase().as_str() {
                 "size" => {
                     size = Some(
-                        crate::size::parse(v)
+                        crate::size::parse_docker(v)
                             .map_err(|e| invalid(format!("storage option size: {e}")))?,
                     )
                 }
