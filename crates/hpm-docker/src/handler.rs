@@ -227,10 +227,15 @@ async fn call_on_layer(
             done
         }
         Endpoint::Get => {
+            let (again, id_again) = (driver.clone(), id.clone());
             let dir = blocking(endpoint, move || driver.get(&id, &mount_label)).await?;
             let dir = match dir.to_str() {
                 Some(d) if dir.is_absolute() => d.to_owned(),
                 _ => {
+                    // dockerd sees a failed Get and sends no Put: take the mount back.
+                    if let Err(e) = blocking(endpoint, move || again.put(&id_again)).await {
+                        tracing::warn!("putting back a layer whose Get failed: {}", e.message);
+                    }
                     return Err(DriverError::new(
                         DriverErrorKind::Invalid,
                         format!(
@@ -238,7 +243,7 @@ async fn call_on_layer(
                              absolute UTF-8 path dockerd can use",
                             dir.display()
                         ),
-                    ))
+                    ));
                 }
             };
             wire::Response {

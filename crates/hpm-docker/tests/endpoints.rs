@@ -104,6 +104,37 @@ async fn capabilities_are_nested_and_do_not_reproduce_exact_diffs() {
     .await;
 }
 
+/// A Get whose path dockerd cannot use fails, and its mount is taken back: dockerd sends no
+/// Put after a failed Get.
+#[tokio::test(flavor = "current_thread")]
+async fn a_failed_get_reply_puts_the_layer_back() {
+    within(async {
+        let plugin = Plugin::start().await;
+        let driver = &plugin.driver;
+        let mut c = plugin.client().await;
+        c.call("GraphDriver.CreateReadWrite", r#"{"ID":"c1"}"#)
+            .await
+            .ok_json();
+        driver.next_get_relative();
+        let e = c
+            .call("GraphDriver.Get", r#"{"ID":"c1"}"#)
+            .await
+            .err(StatusCode::OK);
+        assert!(e.contains("absolute UTF-8 path"), "{e}");
+        assert_eq!(driver.mounts_of("c1"), 0);
+        assert_eq!(
+            driver.take_calls(),
+            [
+                "create c1 parent=None rw=true opt={}",
+                "get c1 label=\"\"",
+                "put c1"
+            ]
+        );
+        plugin.stop().await;
+    })
+    .await;
+}
+
 /// A pull, a container's life and its removal, call by call as dockerd makes them, all on
 /// one keep-alive connection.
 #[tokio::test(flavor = "current_thread")]

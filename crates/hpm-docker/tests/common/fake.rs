@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use hpm_docker::{DriverError, DriverErrorKind, GraphDriver};
@@ -41,6 +41,7 @@ pub struct FakeDriver {
     apply_reads_only: Mutex<Option<usize>>,
     apply_gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     diff_written: AtomicUsize,
+    relative_get: AtomicBool,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
     mnt: tempfile::TempDir,
@@ -59,6 +60,7 @@ impl FakeDriver {
             apply_reads_only: Mutex::default(),
             apply_gate: Mutex::default(),
             diff_written: AtomicUsize::new(0),
+            relative_get: Default::default(),
             events_tx,
             events_rx: tokio::sync::Mutex::new(events_rx),
             mnt: tempfile::tempdir().unwrap(),
@@ -135,6 +137,11 @@ impl FakeDriver {
     }
 
     /// The mount count of `id`.
+    /// The next Get mounts as usual but answers a relative path (no use to dockerd).
+    pub fn next_get_relative(&self) {
+        self.relative_get.store(true, Ordering::SeqCst);
+    }
+
     pub fn mounts_of(&self, id: &str) -> u32 {
         self.layers.lock().unwrap()[id].mounts
     }
@@ -231,6 +238,9 @@ impl GraphDriver for FakeDriver {
             .get_mut(id)
             .ok_or_else(|| DriverError::not_found(format!("layer {id} does not exist")))?;
         layer.mounts += 1;
+        if self.relative_get.swap(false, Ordering::SeqCst) {
+            return Ok(PathBuf::from(id).join("rootfs"));
+        }
         let dir = self.mnt.path().join(id).join("rootfs");
         std::fs::create_dir_all(&dir).map_err(|e| DriverError::io("mounting", &e))?;
         Ok(dir)
