@@ -195,8 +195,20 @@ fn make_private(dir: &Path, existing: bool) -> Result<()> {
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io(what(), e))?;
+        let set = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        if let Err(e) = set {
+            if !existing {
+                return Err(Error::io(what(), e));
+            }
+            // A pool that opened before stays usable (a directory we do not own, a
+            // filesystem without modes): say what is open instead.
+            tracing::warn!(
+                dir = %dir.display(),
+                "the pool directory is open to other users (mode {:o}) and could not be made 0700: {e}",
+                mode & 0o7777
+            );
+            return Ok(());
+        }
         if existing {
             tracing::warn!(
                 dir = %dir.display(),

@@ -16,6 +16,7 @@ use crate::{transmission, Shutdown};
 use hpm_engine::Pool;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
@@ -35,8 +36,9 @@ pub struct Limits {
     /// Time a client has from connecting to the end of its handshake (qemu-nbd's
     /// `--handshake-limit` is 10 s too); a client still negotiating then is disconnected.
     pub handshake: Duration,
-    /// Connections served at once (every listener of the server together); one more is
-    /// closed at once. Each holds a thread and up to 64 MiB of request payload in flight.
+    /// Connections served at once per listener (so clients of a TCP listener cannot take
+    /// the root-only Unix socket's); one more is closed at once. Each holds a thread and up
+    /// to 64 MiB of request payload in flight.
     pub connections: usize,
 }
 
@@ -112,13 +114,15 @@ impl NbdServer {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
-        let open = self.counters.connection();
+        let open = self.counters.connection(None);
         self.connection(r, w, shutdown, InPlace::of_this_runtime(), open)
             .await
     }
 
     async fn serve(&self, listener: Listener, shutdown: Shutdown) {
         let mut conns = JoinSet::new();
+        // Connections of this listener; only this loop adds to it.
+        let here = Arc::new(AtomicU64::new(0));
         // Whether the last connection was refused for the limit (warned once per episode).
         let mut full = false;
         loop {
@@ -134,7 +138,7 @@ impl NbdServer {
                 // Replies are batched already; do not let Nagle delay the last one.
                 let _ = s.set_nodelay(true);
             }
-            let served = self.counters.snapshot().connections_open;
+            let served = here.load(Ordering::Relaxed);
             if accepted.is_ok() && served >= self.limits.connections as u64 {
                 if !full {
                     tracing::warn!(
@@ -149,7 +153,7 @@ impl NbdServer {
             match accepted.and_then(Accepted::into_std) {
                 Ok(s) => {
                     // Counted from here, so a burst of connections cannot pass the limit.
-                    let open = self.counters.connection();
+                    let open = self.counters.connection(Some(&here));
                     let (me, sd) = (self.clone(), shutdown.clone());
                     conns.spawn(async move { me.on_own_thread(s, sd, open).await });
                 }

@@ -44,11 +44,15 @@ impl Counters {
         counter.fetch_add(n, Relaxed);
     }
 
-    /// Counts a new connection; the guard counts it closed when dropped.
-    pub fn connection(self: &Arc<Self>) -> ConnectionGuard {
+    /// Counts a new connection, also in `listener`'s count if given; the guard counts it
+    /// closed when dropped.
+    pub fn connection(self: &Arc<Self>, listener: Option<&Arc<AtomicU64>>) -> ConnectionGuard {
         self.connections_total.fetch_add(1, Relaxed);
         self.connections_open.fetch_add(1, Relaxed);
-        ConnectionGuard(self.clone())
+        if let Some(l) = listener {
+            l.fetch_add(1, Relaxed);
+        }
+        ConnectionGuard(self.clone(), listener.cloned())
     }
 
     pub fn snapshot(&self) -> NbdStats {
@@ -64,12 +68,15 @@ impl Counters {
     }
 }
 
-/// Keeps a connection counted as open while alive.
-pub(crate) struct ConnectionGuard(Arc<Counters>);
+/// Keeps a connection counted as open while alive (in its listener's count too).
+pub(crate) struct ConnectionGuard(Arc<Counters>, Option<Arc<AtomicU64>>);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections_open.fetch_sub(1, Relaxed);
+        if let Some(l) = &self.1 {
+            l.fetch_sub(1, Relaxed);
+        }
     }
 }
 
@@ -80,12 +87,15 @@ mod tests {
     #[test]
     fn open_connections_go_down_when_the_guard_drops() {
         let c = Arc::new(Counters::default());
-        let g1 = c.connection();
-        let g2 = c.connection();
+        let listener = Arc::new(AtomicU64::new(0));
+        let g1 = c.connection(None);
+        let g2 = c.connection(Some(&listener));
         assert_eq!(c.snapshot().connections_open, 2);
+        assert_eq!(listener.load(Relaxed), 1);
         drop(g1);
         drop(g2);
         let s = c.snapshot();
         assert_eq!((s.connections_open, s.connections_total), (0, 2));
+        assert_eq!(listener.load(Relaxed), 0);
     }
 }
