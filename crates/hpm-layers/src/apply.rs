@@ -32,6 +32,8 @@
 //!   them. The access time is the PAX `atime` when present and not before the modification
 //!   time, else the modification time.
 //! - The return value is the sum of every entry's size, skipped entries included.
+//! - An extension header (GNU long name or link, PAX) over 1 MiB refuses the layer, as Go's
+//!   archive/tar does: the tar crate would hold it in memory whole (`limit`).
 //!
 //! Deviation from moby on purpose: moby unpacks inside a chroot, so a symlink in the tree
 //! is followed as if the root were `/` (a layer writing `lib/x` over a lower `lib ->
@@ -41,10 +43,11 @@
 //! moby's behaviour with the same safety.
 
 mod header;
+mod limit;
 mod metadata;
 mod plan;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -76,10 +79,10 @@ pub fn apply_layer(root: &Path, tar: impl Read) -> Result<u64> {
     let mut applier = Applier {
         root: &root,
         written: HashSet::new(),
-        dirs: Vec::new(),
+        dirs: HashMap::new(),
         buf: vec![0; 128 * 1024],
     };
-    let mut archive = tar::Archive::new(tar);
+    let mut archive = tar::Archive::new(limit::Limited::new(tar));
     let entries = archive
         .entries()
         .map_err(|e| tar_error(&root, "reading the layer tar", e))?;
@@ -112,8 +115,9 @@ struct Applier<'r> {
     root: &'r Root,
     /// Entries of this layer and their parents; the opaque marker keeps exactly these.
     written: HashSet<RelPath>,
-    /// Directories whose times are set at the end.
-    dirs: Vec<(RelPath, Timestamps)>,
+    /// Directories whose times are set at the end, by path: a directory repeated in the
+    /// stream keeps its last times and one slot (memory follows the tree, not the stream).
+    dirs: HashMap<RelPath, Timestamps>,
     buf: Vec<u8>,
 }
 
@@ -203,7 +207,7 @@ impl Applier<'_> {
         )
         .map_err(|e| self.root.io_error("opening the layer root".into(), e))?;
         set_metadata(self.root, Target::Fd(fd.as_fd()), &meta, true, shown)?;
-        self.dirs.push((RelPath::root(), meta.times));
+        self.dirs.insert(RelPath::root(), meta.times);
         Ok(())
     }
 
@@ -261,7 +265,7 @@ impl Applier<'_> {
                 )
                 .map_err(|e| at("opening the directory of", e))?;
                 set_metadata(self.root, Target::Fd(fd.as_fd()), &meta, false, shown)?;
-                self.dirs.push((rel.clone(), meta.times));
+                self.dirs.insert(rel.clone(), meta.times);
             }
             Plan::Symlink(target) => {
                 symlinkat(&target[..], parent, name).map_err(|e| at("creating the symlink", e))?;

@@ -274,3 +274,48 @@ fn symlinks_out_are_data_and_never_followed() {
     assert!(!root.join("keep/link").is_symlink());
     common::assert_same_tree(&snapshot(&outside), &before);
 }
+
+/// A stream: `head`, then `b'a'` up to `total` bytes; counts what was read.
+struct Stream {
+    head: Vec<u8>,
+    total: u64,
+    sent: u64,
+}
+
+impl std::io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.total - self.sent;
+        let n = (buf.len() as u64).min(left) as usize;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = *self
+                .head
+                .get((self.sent as usize).saturating_add(i))
+                .unwrap_or(&b'a');
+        }
+        self.sent += n as u64;
+        Ok(n)
+    }
+}
+
+/// An extension header (a GNU long name here) claiming 8 GiB: the tar crate would read it
+/// whole into memory; it is refused at its header, as Go's archive/tar refuses those over
+/// 1 MiB.
+#[test]
+fn an_oversized_extension_header_is_refused_before_it_is_read() {
+    let (_tmp, root, _outside) = setup();
+    let mut h = tar::Header::new_gnu();
+    h.set_path("././@LongLink").unwrap();
+    h.set_entry_type(EntryType::GNULongName);
+    h.set_size(8 << 30);
+    h.set_cksum();
+    // Ends after 64 MiB, so that a reader without the limit fails this test quickly.
+    let mut stream = Stream {
+        head: h.as_bytes().to_vec(),
+        total: 64 << 20,
+        sent: 0,
+    };
+    let e = apply_layer(&root, &mut stream).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("GNU long name"), "{e}");
+    assert!(stream.sent < 1 << 20, "read {} bytes of it", stream.sent);
+}
