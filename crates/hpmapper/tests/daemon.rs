@@ -14,7 +14,7 @@ use std::fs;
 use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -687,6 +687,56 @@ fn sigterm_detaches_closes_the_pool_and_exits_0() {
     assert_eq!(env.read("t2", 0, data.len()), data);
     let e = env.fails(&["status"]);
     assert!(e.contains("no hpmapper daemon"), "{e}");
+}
+
+/// A control command running when SIGTERM comes finishes and gets its reply before the
+/// daemon closes the pool and exits 0.
+#[test]
+fn sigterm_lets_a_running_control_command_finish_and_reply() {
+    if !requirements("SIGTERM with a command running", false, &["mkfifo"]) {
+        return;
+    }
+    let mut env = Env::with_daemon(&[]);
+    env.ok(&["device", "create", "a", "--size", "1M"]);
+    // The daemon writes from a FIFO: the command runs until the FIFO's writer closes it.
+    let fifo = env.path("fifo");
+    run_tool(Command::new("mkfifo").arg(&fifo));
+    let client = env
+        .command(&[
+            "device",
+            "write",
+            "a",
+            "--offset",
+            "0",
+            fifo.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Opening for writing returns once the daemon has opened it: the command is running.
+    let mut writer = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    env.signal_daemon("TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !env.log().contains("SIGTERM: shutting down") {
+        assert!(
+            Instant::now() < deadline,
+            "no SIGTERM in the log:\n{}",
+            env.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data = pattern(3 * 4096, 5);
+    writer.write_all(&data).unwrap();
+    drop(writer);
+    let out = client.wait_with_output().unwrap();
+    env.succeeded(&["device", "write"], out);
+    let status = env
+        .terminate_daemon(Duration::from_secs(20))
+        .expect("the daemon did not exit after the command");
+    assert_eq!(status.code(), Some(0), "{status}\n{}", env.log());
+    assert!(env.log().contains("pool closed cleanly"), "{}", env.log());
+    assert_eq!(env.read("a", 0, data.len()), data);
 }
 
 /// The port of the metrics endpoint a daemon started with `--metrics 0` (the kernel's

@@ -157,6 +157,12 @@ impl Env {
         child.wait().unwrap();
     }
 
+    /// Sends the running daemon `sig` (a `kill` signal name), leaving it to exit.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn signal_daemon(&self, sig: &str) {
+        signal(self.daemon.as_ref().expect("no daemon running").id(), sig);
+    }
+
     /// SIGTERMs the daemon; returns its exit status, or None if it did not exit within
     /// `timeout` (it is then SIGKILLed).
     pub fn terminate_daemon(&mut self, timeout: Duration) -> Option<ExitStatus> {
