@@ -142,12 +142,9 @@ struct Flight {
 }
 
 impl Flight {
-    fn finish(&self, r: Result<Arc<[u8]>, String>) {
-        *self.result.lock() = Some(r);
-        self.done.notify_all();
-    }
-    /// Finishes with `r` unless finished already.
-    fn finish_if_open(&self, r: Result<Arc<[u8]>, String>) -> bool {
+    /// Finishes with `r` and wakes the waiters, unless finished already; says whether it
+    /// did.
+    fn finish(&self, r: Result<Arc<[u8]>, String>) -> bool {
         let mut g = self.result.lock();
         if g.is_some() {
             return false;
@@ -220,7 +217,7 @@ impl Drop for AbandonOnPanic<'_> {
             return;
         }
         for (i, f) in &self.claimed {
-            if f.finish_if_open(Err("the read filling this block panicked".into())) {
+            if f.finish(Err("the read filling this block panicked".into())) {
                 self.cache.detach((self.owner, self.p0 + *i as u64), f);
             }
         }

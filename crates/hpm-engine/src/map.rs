@@ -483,15 +483,13 @@ impl DeviceMap {
     ) -> Option<u64> {
         let c = u64::from(chunk_blocks);
         let (v, i) = (vblock / c, (vblock % c) as u32);
+        // Unmapping in an empty chunk: nothing to do, and no page to make for it.
         if new.is_none() && self.get(v).is_none() {
             return None;
         }
         let slot = self.slot_mut(v);
         let old = slot.as_ref().and_then(|e| e.block(i, chunk_blocks));
         if old == new {
-            if slot.is_none() {
-                self.drop_page_if_empty(v);
-            }
             return old;
         }
         let own_offset = new.is_some_and(|p| p % c == u64::from(i));

@@ -980,11 +980,7 @@ impl Inner {
     /// checked after the lock is taken, so that nothing that was waiting for it while
     /// another thread panicked under it goes on from the half-changed state.
     pub(crate) fn live_write(&self) -> Result<Watched<'_, RwLockWriteGuard<'_, Live>>> {
-        let guard = Watched {
-            guard: self.live.write(),
-            panicked: &self.panicked,
-            unwinding: std::thread::panicking(),
-        };
+        let guard = self.watched(self.live.write());
         self.check_intact()?;
         Ok(guard)
     }
@@ -992,8 +988,12 @@ impl Inner {
     /// `store` for a commit, a checkpoint or a capacity change (see `Watched`). What they
     /// change in the state goes through `live_write`, which refuses a stopped pool.
     pub(crate) fn store_lock(&self) -> Watched<'_, MutexGuard<'_, Store>> {
+        self.watched(self.store.lock())
+    }
+
+    fn watched<G>(&self, guard: G) -> Watched<'_, G> {
         Watched {
-            guard: self.store.lock(),
+            guard,
             panicked: &self.panicked,
             unwinding: std::thread::panicking(),
         }

@@ -261,8 +261,7 @@ fn find_later(region: &[u8], from: usize, gen: u64, seq: u64) -> Option<u64> {
         let at = pos + region[pos..].windows(4).position(|w| w == magic)?;
         let rest = &region[at..];
         if rest.len() >= BATCH_OVERHEAD {
-            let word = |o: usize| u32::from_le_bytes(rest[o..o + 4].try_into().expect("4 bytes"));
-            let dword = |o: usize| u64::from_le_bytes(rest[o..o + 8].try_into().expect("8 bytes"));
+            let (word, dword) = (|o| word(rest, o), |o| dword(rest, o));
             let total = BATCH_OVERHEAD + word(4) as usize;
             if dword(8) == gen && dword(16) > seq && word(4) <= MAX_PAYLOAD && total <= rest.len() {
                 if total > budget {
@@ -279,6 +278,16 @@ fn find_later(region: &[u8], from: usize, gen: u64, seq: u64) -> Option<u64> {
     None
 }
 
+/// The little-endian u32 at `o` of `buf`.
+fn word(buf: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(buf[o..o + 4].try_into().expect("4 bytes"))
+}
+
+/// The little-endian u64 at `o` of `buf`.
+fn dword(buf: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(buf[o..o + 8].try_into().expect("8 bytes"))
+}
+
 /// How many times the bytes it searches [`find_later`] may checksum.
 const FIND_LATER_BUDGET: usize = 4;
 
@@ -286,8 +295,7 @@ fn decode_one(buf: &[u8], gen: u64, seq: u64) -> Result<(Vec<Record>, usize), St
     if buf.len() < BATCH_OVERHEAD {
         return Err("torn header".into());
     }
-    let word = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
-    let dword = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().expect("8 bytes"));
+    let (word, dword) = (|o| word(buf, o), |o| dword(buf, o));
     if word(0) != BATCH_MAGIC {
         return Err("bad magic".into());
     }

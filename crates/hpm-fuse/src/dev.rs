@@ -15,7 +15,7 @@
 
 use crate::fs::DeviceFs;
 use crate::wire::{
-    dispatch, op, op_header_len, out_header, panic_text, read_args, u32_at, u64_at, Access,
+    dispatch, op, op_header_len, out_header, read_args, u32_at, u64_at, unless_panicked, Access,
     IN_HEADER,
 };
 use fuser::Errno;
@@ -110,17 +110,13 @@ impl Worker {
             // answered EIO and the worker goes on. (A panic while the engine was changing
             // its state has stopped the pool: every later request fails too, with the
             // reason in the log.)
-            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(n)))
-            {
+            let (unique, opcode) = match n >= IN_HEADER {
+                true => (u64_at(&self.req, 8), u32_at(&self.req, 4)),
+                false => (0, 0),
+            };
+            if unless_panicked(unique, opcode, || self.serve(n)).is_none() {
                 self.pieces.clear();
                 if n >= IN_HEADER {
-                    let unique = u64_at(&self.req, 8);
-                    tracing::error!(
-                        unique,
-                        opcode = u32_at(&self.req, 4),
-                        "handling a FUSE request panicked ({}); answered EIO",
-                        panic_text(&*p)
-                    );
                     self.reply_error(unique, Errno::EIO);
                 }
             }

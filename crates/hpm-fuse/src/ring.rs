@@ -13,7 +13,7 @@
 //! request means and how its reply looks is `wire`'s, shared with the `/dev/fuse` workers.
 
 use crate::fs::DeviceFs;
-use crate::wire::{dispatch, out_header, panic_text, u32_at, u64_at, Access, OUT_HEADER};
+use crate::wire::{dispatch, out_header, u32_at, u64_at, unless_panicked, Access, OUT_HEADER};
 use hpm_io::{FuseRing, FUSE_RING_ENT_OFFSET, FUSE_RING_OP_OFFSET};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -163,19 +163,11 @@ fn serve(fs: &DeviceFs, ring: &mut FuseRing, access: Access) {
     let result = if access.refuses(opcode, uid) {
         Err(fuser::Errno::EACCES)
     } else {
-        // A panic (a bug) answers EIO rather than leave the request unanswered (see `dev`).
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // A panic (a bug) answers EIO (see `dev`).
+        unless_panicked(unique, opcode, || {
             dispatch(fs, opcode, nodeid, &arg, in_len, payload)
-        }))
-        .unwrap_or_else(|p| {
-            tracing::error!(
-                unique,
-                opcode,
-                "handling a FUSE request panicked ({}); answered EIO",
-                panic_text(&*p)
-            );
-            Err(fuser::Errno::EIO)
         })
+        .unwrap_or(Err(fuser::Errno::EIO))
     };
     let (error, out_len) = match result {
         Ok(n) => (0, n),

@@ -335,12 +335,25 @@ fn dirent(out: &mut [u8], ino: u64, cookie: u64, kind: FileType, name: &str) -> 
     Some(len)
 }
 
-/// What a caught panic said, for the log.
-pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> &str {
-    p.downcast_ref::<&str>()
+/// Runs `f`, the handling of request `unique` (`opcode`); `None` if it panicked (a bug),
+/// which is logged: the caller answers the request EIO rather than leave it unanswered or
+/// lose its worker.
+pub(crate) fn unless_panicked<T>(unique: u64, opcode: u32, f: impl FnOnce() -> T) -> Option<T> {
+    let p = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => return Some(v),
+        Err(p) => p,
+    };
+    let text = p
+        .downcast_ref::<&str>()
         .copied()
         .or_else(|| p.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a panic without a message")
+        .unwrap_or("a panic without a message");
+    tracing::error!(
+        unique,
+        opcode,
+        "handling a FUSE request panicked ({text}); answered EIO"
+    );
+    None
 }
 
 #[cfg(test)]

@@ -17,23 +17,19 @@ const PR_SET_IO_FLUSHER: libc::c_int = 57;
 /// `PR_GET_IO_FLUSHER`.
 const PR_GET_IO_FLUSHER: libc::c_int = 58;
 
+/// An unused prctl argument (the prototype reads unsigned longs).
+const ZERO: libc::c_ulong = 0;
+
 /// Puts the calling thread in the `IO_FLUSHER` state.
 ///
 /// The state belongs to the calling thread and is inherited by threads it creates afterwards.
 /// Needs `CAP_SYS_RESOURCE` (fails with `EPERM` otherwise) and Linux 5.6 or newer (fails with
 /// `EINVAL` before).
 pub fn set_io_flusher() -> io::Result<()> {
-    // SAFETY: prctl with PR_SET_IO_FLUSHER takes only integer arguments (arg2 = 1, the rest 0, each an unsigned long as the variadic prototype reads them)
-    // and touches no memory of ours.
-    let r = unsafe {
-        libc::prctl(
-            PR_SET_IO_FLUSHER,
-            1 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
+    // SAFETY: prctl with PR_SET_IO_FLUSHER takes only integer arguments (arg2 = 1, the rest
+    // 0, each an unsigned long as the variadic prototype reads them) and touches no memory
+    // of ours.
+    let r = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1 as libc::c_ulong, ZERO, ZERO, ZERO) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -44,15 +40,7 @@ pub fn set_io_flusher() -> io::Result<()> {
 pub fn is_io_flusher() -> io::Result<bool> {
     // SAFETY: prctl with PR_GET_IO_FLUSHER takes no pointer arguments and touches no memory of
     // ours; it returns the state or -1 with errno.
-    let r = unsafe {
-        libc::prctl(
-            PR_GET_IO_FLUSHER,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
+    let r = unsafe { libc::prctl(PR_GET_IO_FLUSHER, ZERO, ZERO, ZERO, ZERO) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -26,9 +26,10 @@
 //! but a layer here is always a block-level snapshot of its parent, in which an untouched
 //! inode keeps its exact times, and every file of a layer applied from a tar has whole
 //! seconds: a write that keeps the size, in the same second as the file's time in the
-//! image, would be missed by that rule and lost from a commit. Comparing the link count makes hard link groups survive a round trip: adding
-//! or removing a link to an unchanged file re-exports every path of that inode, and
-//! [`export_changes`] writes them as one file plus hard links.
+//! image, would be missed by that rule and lost from a commit. Comparing the link count
+//! makes hard link groups survive a round trip: adding or removing a link to an unchanged
+//! file re-exports every path of that inode, and [`export_changes`] writes them as one file
+//! plus hard links.
 
 mod export;
 

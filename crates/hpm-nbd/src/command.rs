@@ -2,8 +2,9 @@
 //! read-only) and the blocking device call.
 //!
 //! This module owns the meaning of READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE and
-//! BLOCK_STATUS in engine terms. It is synchronous and knows nothing of sockets; `prepare` must never touch the
-//! device and `execute` must never be called on the async runtime's threads.
+//! BLOCK_STATUS in engine terms. It is synchronous and knows nothing of sockets; `prepare`
+//! must never touch the device and `execute` must never be called on the async runtime's
+//! threads.
 
 use crate::errors::{Failure, Op};
 use crate::proto::{self, cflag, cmd, Request};

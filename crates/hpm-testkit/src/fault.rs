@@ -11,6 +11,7 @@
 use hpm_io::Backend;
 use parking_lot::Mutex;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 
 /// The operations a rule can target.
@@ -231,8 +232,8 @@ impl<B: Backend> Backend for FaultBackend<B> {
 /// middle of the engine's work leaves behind.
 pub struct PanicBackend {
     inner: Arc<dyn Backend>,
-    next_read: std::sync::atomic::AtomicBool,
-    next_write: std::sync::atomic::AtomicBool,
+    next_read: AtomicBool,
+    next_write: AtomicBool,
 }
 
 impl PanicBackend {
@@ -247,40 +248,30 @@ impl PanicBackend {
 
     /// The next `read_at` panics.
     pub fn panic_on_next_read(&self) {
-        self.next_read
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.next_read.store(true, SeqCst);
     }
 
     /// The next `write_at` panics.
     pub fn panic_on_next_write(&self) {
-        self.next_write
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.next_write.store(true, SeqCst);
     }
 
     /// Nothing panics any more.
     pub fn disarm(&self) {
-        self.next_read
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        self.next_write
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.next_read.store(false, SeqCst);
+        self.next_write.store(false, SeqCst);
     }
 }
 
 impl Backend for PanicBackend {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if self
-            .next_read
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.next_read.swap(false, SeqCst) {
             panic!("injected panic: read of {} bytes at {offset}", buf.len());
         }
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self
-            .next_write
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.next_write.swap(false, SeqCst) {
             panic!("injected panic: write of {} bytes at {offset}", buf.len());
         }
         self.inner.write_at(buf, offset)
